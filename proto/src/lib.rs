@@ -1,0 +1,13 @@
+//! Generated gRPC types and services for Muster (`proto/muster.proto`).
+//!
+//! The `.proto` file is the contract between the CLI, the schedulers and the
+//! agents; conversion to the scheduler's domain model lives in
+//! `muster-scheduler`'s `api` module and nowhere else.
+#![allow(clippy::all, clippy::pedantic)]
+
+/// Version 1 of the protocol.
+pub mod v1 {
+    tonic::include_proto!("muster.v1");
+}
+
+pub use v1::*;

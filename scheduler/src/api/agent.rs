@@ -1,0 +1,260 @@
+//! `AgentApi.Session`: one bidirectional stream per agent.
+//!
+//! The agent's first message must be `Register`; it becomes a `RegisterNode`
+//! command (with the tasks the agent still has, so running work is adopted
+//! rather than restarted). After that the stream carries heartbeats (leases in
+//! memory) and task events (commands) in, and the node's full desired task set
+//! out. The desired set is recomputed whenever the applied state changes and
+//! sent only when it differs from what the agent last got.
+
+use super::{convert, now_ms, Ctx};
+use crate::model::{Job, JobState, Node};
+use crate::state::{Command, State, TaskKey};
+use muster_proto as pb;
+use muster_proto::agent_api_server::AgentApi;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// The agent-facing service.
+pub struct AgentService {
+    ctx: Arc<Ctx>,
+}
+
+impl AgentService {
+    /// A service over the shared context.
+    pub fn new(ctx: Arc<Ctx>) -> AgentService {
+        AgentService { ctx }
+    }
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    type SessionStream = Out;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Out>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("session closed before Register"))??;
+        let Some(pb::agent_message::Kind::Register(reg)) = first.kind else {
+            return Err(Status::invalid_argument("the first message must be Register"));
+        };
+        let (node, running) = convert::registration_from_pb(&reg)?;
+        let name = node.name.clone();
+        self.ctx
+            .propose(Command::RegisterNode {
+                node,
+                running,
+                at_ms: now_ms(),
+            })
+            .await?;
+        self.ctx.touch(&name);
+        tracing::info!(node = %name, gpus = reg.gpus.len(), "agent registered");
+        let (tx, rx) = mpsc::channel(16);
+        let term = self.ctx.raft.status().borrow().term;
+        let hb = self.ctx.cfg.heartbeat_interval.as_millis() as u64;
+        let registered = pb::SchedulerMessage {
+            kind: Some(pb::scheduler_message::Kind::Registered(pb::Registered {
+                term,
+                heartbeat_interval_ms: hb,
+            })),
+        };
+        tx.send(Ok(registered))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        tokio::spawn(run_session(self.ctx.clone(), name, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn run_session(
+    ctx: Arc<Ctx>,
+    node: String,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
+) {
+    let mut status = ctx.raft.status();
+    let mut last_sent: Option<Vec<pb::TaskAssignment>> = None;
+    loop {
+        let desired = {
+            let state = ctx.raft.state();
+            desired_for_node(&state, &node, &ctx.cfg.checkpoint_root)
+        };
+        if last_sent.as_ref() != Some(&desired) {
+            let msg = pb::SchedulerMessage {
+                kind: Some(pb::scheduler_message::Kind::Assignments(pb::Assignments {
+                    term: status.borrow().term,
+                    tasks: desired.clone(),
+                })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                break;
+            }
+            last_sent = Some(desired);
+        }
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { break },
+            msg = inbound.next() => match msg {
+                Some(Ok(m)) => {
+                    ctx.touch(&node);
+                    if let Err(e) = handle_message(&ctx, m).await {
+                        tracing::warn!(node = %node, "agent message not applied: {e}");
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::info!(node = %node, "agent stream error: {e}");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    tracing::info!(node = %node, "agent session ended");
+}
+
+async fn handle_message(ctx: &Ctx, m: pb::AgentMessage) -> Result<(), Status> {
+    let Some(pb::agent_message::Kind::Event(ev)) = m.kind else {
+        return Ok(()); // heartbeats only renew the lease
+    };
+    let key = TaskKey {
+        job: crate::model::JobId(ev.job_id),
+        alloc: ev.alloc_id,
+        task: ev.task_index,
+    };
+    let cmd = match ev.kind {
+        Some(pb::task_event::Kind::Started(_)) => Command::TaskStarted {
+            key,
+            at_ms: now_ms(),
+        },
+        Some(pb::task_event::Kind::Exited(e)) => Command::TaskExited {
+            key,
+            exit: convert::exit_from_pb(&e),
+            at_ms: now_ms(),
+        },
+        None => return Err(Status::invalid_argument("task event without a kind")),
+    };
+    ctx.propose(cmd).await.map(|_| ())
+}
+
+/// The tasks `node` should be running: tasks of live (placed or running)
+/// jobs assigned there, each with its full environment.
+pub fn desired_for_node(
+    state: &State,
+    node: &str,
+    checkpoint_root: &std::path::Path,
+) -> Vec<pb::TaskAssignment> {
+    let mut out = Vec::new();
+    for id in &state.active {
+        let Some(job) = state.jobs.get(id) else {
+            continue;
+        };
+        if !matches!(job.state, JobState::Placed | JobState::Running) {
+            continue;
+        }
+        let Some(alloc) = &job.alloc else { continue };
+        for (i, t) in alloc.tasks.iter().enumerate() {
+            if t.placement.node == node && t.state.holds_resources() {
+                out.push(assignment(state, job, i, checkpoint_root));
+            }
+        }
+    }
+    out
+}
+
+fn host_of(node: Option<&Node>) -> String {
+    let addr = node.map(|n| n.address.as_str()).unwrap_or("127.0.0.1");
+    match addr.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => addr.to_string(),
+    }
+}
+
+fn assignment(
+    state: &State,
+    job: &Job,
+    index: usize,
+    checkpoint_root: &std::path::Path,
+) -> pb::TaskAssignment {
+    let Some(alloc) = &job.alloc else {
+        return pb::TaskAssignment::default();
+    };
+    let t = &alloc.tasks[index];
+    let node = &t.placement.node;
+    let local_rank = alloc.tasks[..index]
+        .iter()
+        .filter(|o| &o.placement.node == node)
+        .count();
+    let local_world = alloc.tasks.iter().filter(|o| &o.placement.node == node).count();
+    let mut nodes_in_order: Vec<&str> = Vec::new();
+    for o in &alloc.tasks {
+        if !nodes_in_order.contains(&o.placement.node.as_str()) {
+            nodes_in_order.push(&o.placement.node);
+        }
+    }
+    let node_rank = nodes_in_order.iter().position(|n| n == node).unwrap_or(0);
+    let master = host_of(state.nodes.get(&alloc.tasks[0].placement.node));
+    let checkpoint_dir = job.spec.checkpoint_dir.clone().unwrap_or_else(|| {
+        checkpoint_root
+            .join(job.id.0.to_string())
+            .to_string_lossy()
+            .into_owned()
+    });
+    let mut env: BTreeMap<String, String> = job.spec.env.clone();
+    let pairs = [
+        ("RANK", index.to_string()),
+        ("WORLD_SIZE", alloc.tasks.len().to_string()),
+        ("LOCAL_RANK", local_rank.to_string()),
+        ("LOCAL_WORLD_SIZE", local_world.to_string()),
+        ("NODE_RANK", node_rank.to_string()),
+        ("MASTER_ADDR", master),
+        ("MASTER_PORT", alloc.master_port.to_string()),
+    ];
+    for (k, v) in pairs {
+        env.insert(format!("MUSTER_{k}"), v.clone());
+        env.insert(k.to_string(), v);
+    }
+    env.insert("MUSTER_JOB_ID".into(), job.id.0.to_string());
+    env.insert("MUSTER_JOB_NAME".into(), job.spec.name.clone());
+    env.insert("MUSTER_TENANT".into(), job.spec.tenant.clone());
+    env.insert("MUSTER_ALLOC_ID".into(), alloc.id.0.to_string());
+    env.insert("MUSTER_NODE".into(), node.clone());
+    env.insert("MUSTER_RESTART_COUNT".into(), job.restart_count.to_string());
+    env.insert("MUSTER_CHECKPOINT_DIR".into(), checkpoint_dir.clone());
+    let minors = state
+        .nodes
+        .get(node)
+        .map(|n| {
+            t.placement
+                .gpus
+                .iter()
+                .filter_map(|g| n.gpus.iter().find(|x| x.index == *g).map(|x| x.minor))
+                .collect()
+        })
+        .unwrap_or_default();
+    pb::TaskAssignment {
+        job_id: job.id.0,
+        alloc_id: alloc.id.0,
+        term: alloc.term,
+        task_index: index as u32,
+        user: job.user.clone(),
+        command: job.spec.command.clone(),
+        env: env.into_iter().collect(),
+        workdir: job.spec.workdir.clone(),
+        gpu_indices: t.placement.gpus.clone(),
+        gpu_minors: minors,
+        cpu_millis: t.placement.cpu_millis,
+        memory_bytes: t.placement.memory_bytes,
+        checkpoint_dir,
+    }
+}

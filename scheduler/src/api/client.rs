@@ -1,0 +1,206 @@
+//! The `Muster` client API.
+
+use super::{convert, now_ms, Ctx};
+use crate::model::{JobId, JobState, Tenant};
+use crate::planner;
+use crate::state::{ApplyResult, Command};
+use muster_proto as pb;
+use muster_proto::muster_server::Muster;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Longest user name accepted.
+const MAX_USER_LEN: usize = 64;
+
+/// The client service.
+pub struct ClientApi {
+    ctx: Arc<Ctx>,
+}
+
+impl ClientApi {
+    /// A service over the shared context.
+    pub fn new(ctx: Arc<Ctx>) -> ClientApi {
+        ClientApi { ctx }
+    }
+
+    fn job_info(&self, id: JobId) -> Result<pb::JobInfo, Status> {
+        let state = self.ctx.raft.state();
+        let job = state
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
+        let position = if job.state == JobState::Pending {
+            state.pending.range(..id).count() as u32 + 1
+        } else {
+            0
+        };
+        Ok(convert::job_to_pb(
+            &state,
+            job,
+            verdicts.get(&id).map(String::as_str),
+            position,
+        ))
+    }
+}
+
+fn check_user(user: &str) -> Result<(), Status> {
+    if user.is_empty() || user.len() > MAX_USER_LEN {
+        return Err(Status::invalid_argument(format!(
+            "user: must be 1-{MAX_USER_LEN} characters"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Muster for ClientApi {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = req.into_inner();
+        check_user(&req.user)?;
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = convert::spec_from_pb(spec)?;
+        let cmd = Command::Submit {
+            spec,
+            user: req.user,
+            at_ms: now_ms(),
+        };
+        match self.ctx.propose(cmd).await? {
+            ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0 })),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = JobId(req.into_inner().id);
+        self.ctx
+            .propose(Command::Cancel {
+                job: id,
+                at_ms: now_ms(),
+            })
+            .await?;
+        let state = self
+            .ctx
+            .raft
+            .state()
+            .jobs
+            .get(&id)
+            .map(|j| j.state)
+            .unwrap_or(JobState::Cancelled);
+        Ok(Response::new(pb::CancelResponse {
+            state: convert::job_state_to_pb(state) as i32,
+        }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        self.job_info(JobId(req.into_inner().id)).map(Response::new)
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let all = req.into_inner().all;
+        let state = self.ctx.raft.state();
+        let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = Vec::new();
+        for (pos, id) in planner::queue_order(&state).into_iter().enumerate() {
+            if let Some(j) = state.jobs.get(&id) {
+                let reason = verdicts.get(&id).map(String::as_str);
+                jobs.push(convert::job_to_pb(&state, j, reason, pos as u32 + 1));
+            }
+        }
+        for j in state.jobs.values() {
+            if j.state != JobState::Pending && (all || !j.state.is_terminal()) {
+                jobs.push(convert::job_to_pb(&state, j, None, 0));
+            }
+        }
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let state = self.ctx.raft.state();
+        let leases = self.ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let nodes = state
+            .nodes
+            .values()
+            .map(|n| {
+                let seen = leases
+                    .get(&n.name)
+                    .map(|t| now_ms() - now.duration_since(*t).as_millis() as i64)
+                    .unwrap_or(0);
+                convert::node_to_pb(&state, n, seen)
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn create_tenant(
+        &self,
+        req: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::TenantInfo>, Status> {
+        let req = req.into_inner();
+        let tenant = Tenant {
+            name: req.name.clone(),
+            gpu_limit: Some(req.gpu_limit).filter(|l| *l > 0),
+        };
+        self.ctx.propose(Command::CreateTenant { tenant }).await?;
+        Ok(Response::new(pb::TenantInfo {
+            name: req.name,
+            gpu_limit: req.gpu_limit,
+            gpus_in_use: 0,
+        }))
+    }
+
+    async fn list_tenants(
+        &self,
+        _req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let state = self.ctx.raft.state();
+        let tenants = state
+            .tenants
+            .values()
+            .map(|t| pb::TenantInfo {
+                name: t.name.clone(),
+                gpu_limit: t.gpu_limit.unwrap_or(0),
+                gpus_in_use: state.tenant_gpus_in_use(&t.name),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTenantsResponse { tenants }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let st = self.ctx.raft.status().borrow().clone();
+        let state = self.ctx.raft.state();
+        let running = state
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Placed | JobState::Running))
+            .count();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: st.id,
+            leader_id: st.leader,
+            term: st.term,
+            commit_index: st.commit,
+            applied_index: st.applied,
+            nodes: state.nodes.len() as u32,
+            jobs_pending: state.pending.len() as u32,
+            jobs_running: running as u32,
+        }))
+    }
+}

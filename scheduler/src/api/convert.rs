@@ -1,0 +1,242 @@
+//! Protobuf ↔ model conversion. Nothing else in the scheduler touches
+//! `muster_proto` message types.
+
+use crate::model::{
+    ExitInfo, GpuRecord, Job, JobSpec, JobState, Node, Resources, TaskState, TaskStatus,
+};
+use crate::state::{NodeRegistration, State, TaskKey};
+use muster_proto as pb;
+use std::collections::BTreeMap;
+use tonic::Status;
+
+/// Longest command line, environment and argument counts accepted.
+const MAX_ARGS: usize = 4096;
+const MAX_ENV: usize = 4096;
+
+/// A submitted spec, checked for shape (the state machine checks the rest).
+pub fn spec_from_pb(s: pb::JobSpec) -> Result<JobSpec, Status> {
+    if s.command.len() > MAX_ARGS {
+        return Err(Status::invalid_argument(format!(
+            "command: more than {MAX_ARGS} arguments"
+        )));
+    }
+    if s.env.len() > MAX_ENV {
+        return Err(Status::invalid_argument(format!(
+            "env: more than {MAX_ENV} variables"
+        )));
+    }
+    for k in s.env.keys() {
+        let valid = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Status::invalid_argument(format!(
+                "env: invalid variable name {k:?}"
+            )));
+        }
+    }
+    let tenant = if s.tenant.is_empty() {
+        crate::state::DEFAULT_TENANT.to_string()
+    } else {
+        s.tenant
+    };
+    Ok(JobSpec {
+        name: s.name,
+        tenant,
+        tasks: s.tasks,
+        per_task: Resources {
+            gpus: s.gpus_per_task,
+            cpu_millis: s.cpu_millis_per_task,
+            memory_bytes: s.memory_bytes_per_task,
+        },
+        time_limit_secs: Some(s.time_limit_secs).filter(|t| *t > 0),
+        command: s.command,
+        env: s.env.into_iter().collect(),
+        workdir: s.workdir,
+        checkpoint_dir: Some(s.checkpoint_dir).filter(|d| !d.is_empty()),
+    })
+}
+
+/// The model spec as protobuf.
+pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
+    pb::JobSpec {
+        name: s.name.clone(),
+        tenant: s.tenant.clone(),
+        tasks: s.tasks,
+        gpus_per_task: s.per_task.gpus,
+        cpu_millis_per_task: s.per_task.cpu_millis,
+        memory_bytes_per_task: s.per_task.memory_bytes,
+        time_limit_secs: s.time_limit_secs.unwrap_or(0),
+        command: s.command.clone(),
+        env: s.env.clone().into_iter().collect(),
+        workdir: s.workdir.clone(),
+        checkpoint_dir: s.checkpoint_dir.clone().unwrap_or_default(),
+    }
+}
+
+/// Job state as protobuf.
+pub fn job_state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Placed => pb::JobState::Placed,
+        JobState::Running => pb::JobState::Running,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::TimedOut => pb::JobState::TimedOut,
+    }
+}
+
+fn task_state_to_pb(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Assigned => pb::TaskState::TaskAssigned,
+        TaskState::Running => pb::TaskState::TaskRunning,
+        TaskState::Exited => pb::TaskState::TaskExited,
+        TaskState::Lost => pb::TaskState::TaskLost,
+    }
+}
+
+fn task_to_pb(state: &State, index: usize, t: &TaskStatus) -> pb::TaskInfo {
+    let exit = t.exit.clone().unwrap_or_default();
+    pb::TaskInfo {
+        index: index as u32,
+        node: t.placement.node.clone(),
+        gpus: t.placement.gpus.clone(),
+        state: task_state_to_pb(t.state) as i32,
+        exit_code: exit.code,
+        signal: exit.signal,
+        oom_killed: exit.oom_killed,
+        message: exit.message,
+        agent_address: state
+            .nodes
+            .get(&t.placement.node)
+            .map(|n| n.address.clone())
+            .unwrap_or_default(),
+        started_at_ms: t.started_at_ms,
+        ended_at_ms: t.ended_at_ms,
+    }
+}
+
+/// A job as protobuf; `reason` and `position` come from the planner.
+pub fn job_to_pb(state: &State, j: &Job, reason: Option<&str>, position: u32) -> pb::JobInfo {
+    let tasks = j
+        .alloc
+        .as_ref()
+        .map(|a| {
+            a.tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| task_to_pb(state, i, t))
+                .collect()
+        })
+        .unwrap_or_default();
+    let reason = if j.state == JobState::Pending {
+        reason.unwrap_or("waiting for the planner").to_string()
+    } else {
+        j.reason.clone()
+    };
+    pb::JobInfo {
+        id: j.id.0,
+        spec: Some(spec_to_pb(&j.spec)),
+        user: j.user.clone(),
+        state: job_state_to_pb(j.state) as i32,
+        tasks,
+        submitted_at_ms: j.submitted_at_ms,
+        started_at_ms: j.started_at_ms,
+        ended_at_ms: j.ended_at_ms,
+        reason,
+        restart_count: j.restart_count,
+        queue_position: position,
+    }
+}
+
+/// A node as protobuf, with what is allocated on it.
+pub fn node_to_pb(state: &State, n: &Node, last_seen_ms: i64) -> pb::NodeInfo {
+    let usage = state.node_usage(&n.name);
+    pb::NodeInfo {
+        name: n.name.clone(),
+        address: n.address.clone(),
+        state: n.state.as_str().to_string(),
+        gpus: n
+            .gpus
+            .iter()
+            .map(|g| {
+                let mut p = gpu_to_pb(g);
+                p.allocated_to = usage.gpus.get(&g.index).map(|j| j.0).unwrap_or(0);
+                p
+            })
+            .collect(),
+        cpu_millis: n.cpu_millis,
+        memory_bytes: n.memory_bytes,
+        cpu_millis_allocated: usage.cpu_millis,
+        memory_bytes_allocated: usage.memory_bytes,
+        labels: n.labels.clone().into_iter().collect(),
+        last_seen_ms,
+    }
+}
+
+fn gpu_to_pb(g: &GpuRecord) -> pb::GpuInfo {
+    pb::GpuInfo {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        model: g.model.clone(),
+        memory_bytes: g.memory_bytes,
+        minor: g.minor,
+        pci_bus_id: g.pci_bus_id.clone(),
+        numa_node: g.numa_node,
+        healthy: g.healthy,
+        allocated_to: 0,
+    }
+}
+
+/// An agent's registration as a command payload.
+pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<TaskKey>), Status> {
+    if r.node.is_empty() || r.node.len() > 253 {
+        return Err(Status::invalid_argument("register: node name must be 1-253 characters"));
+    }
+    let gpus = r
+        .gpus
+        .iter()
+        .map(|g| GpuRecord {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            model: g.model.clone(),
+            memory_bytes: g.memory_bytes,
+            minor: g.minor,
+            pci_bus_id: g.pci_bus_id.clone(),
+            numa_node: g.numa_node,
+            healthy: g.healthy,
+        })
+        .collect();
+    let running = r
+        .running
+        .iter()
+        .map(|t| TaskKey {
+            job: crate::model::JobId(t.job_id),
+            alloc: t.alloc_id,
+            task: t.task_index,
+        })
+        .collect();
+    let labels: BTreeMap<String, String> = r.labels.clone().into_iter().collect();
+    Ok((
+        NodeRegistration {
+            name: r.node.clone(),
+            address: r.address.clone(),
+            gpus,
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            labels,
+        },
+        running,
+    ))
+}
+
+/// A task's exit as the model's `ExitInfo`.
+pub fn exit_from_pb(e: &pb::TaskExited) -> ExitInfo {
+    ExitInfo {
+        code: e.code,
+        signal: e.signal,
+        oom_killed: e.oom_killed,
+        message: e.message.clone(),
+    }
+}

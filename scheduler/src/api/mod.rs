@@ -1,0 +1,71 @@
+//! The scheduler's gRPC services, and the only place where protobuf messages
+//! meet the domain model ([`convert`]).
+//!
+//! * [`client`] serves the `Muster` client API: every write becomes a
+//!   [`crate::state::Command`] proposed through Raft and is answered once
+//!   applied; a rejected command maps to `InvalidArgument`/`NotFound` with the
+//!   state machine's own words.
+//! * [`agent`] serves `AgentApi.Session`, one bidirectional stream per agent:
+//!   registration, heartbeats (kept as in-memory leases, not log entries) and
+//!   task events in; the node's full desired task set out, re-sent whenever
+//!   it changes. Agents reconcile against that set.
+
+pub mod agent;
+pub mod client;
+pub mod convert;
+
+use crate::config::SchedulerConfig;
+use crate::model::JobId;
+use crate::raft::{ProposeError, RaftHandle};
+use crate::state::{ApplyResult, Command};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tonic::Status;
+
+/// What the services and leader loops share.
+pub struct Ctx {
+    pub raft: RaftHandle,
+    pub cfg: SchedulerConfig,
+    /// The planner's latest word on each pending job.
+    pub verdicts: RwLock<BTreeMap<JobId, String>>,
+    /// Agent leases: node → last heard from (leader memory only).
+    pub leases: Mutex<HashMap<String, Instant>>,
+}
+
+impl Ctx {
+    /// Shared context for the services.
+    pub fn new(raft: RaftHandle, cfg: SchedulerConfig) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            raft,
+            cfg,
+            verdicts: RwLock::new(BTreeMap::new()),
+            leases: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Propose and map failures to gRPC statuses.
+    pub async fn propose(&self, cmd: Command) -> Result<ApplyResult, Status> {
+        match self.raft.propose(cmd).await {
+            Ok(ApplyResult::Rejected(msg)) => Err(Status::invalid_argument(msg)),
+            Ok(ApplyResult::NotFound(msg)) => Err(Status::not_found(msg)),
+            Ok(r) => Ok(r),
+            Err(e @ ProposeError::NotLeader { .. }) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    /// Record that an agent was heard from.
+    pub fn touch(&self, node: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.insert(node.to_string(), Instant::now());
+    }
+}
+
+/// Milliseconds since the Unix epoch (stamped into commands by the leader).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,186 @@
+//! `scheduler.toml`: every key is documented in `config/scheduler.toml`.
+//! Parsing and validation happen before any port is bound; an unknown key or
+//! a bad value is an error that names the key and the file.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default client/agent port (`muster dev` listens here too).
+pub const DEFAULT_PORT: u16 = 7470;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/muster/scheduler")
+}
+fn default_checkpoint_root() -> PathBuf {
+    PathBuf::from("/var/lib/muster/checkpoints")
+}
+fn default_node_id() -> u64 {
+    1
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_tick() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_election_ticks() -> usize {
+    10
+}
+fn default_heartbeat_ticks() -> usize {
+    2
+}
+fn default_snapshot_entries() -> u64 {
+    10_000
+}
+
+/// The scheduler's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Raft id of this scheduler (1..).
+    #[serde(default = "default_node_id")]
+    pub node_id: u64,
+    /// Address for clients and agents (gRPC).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the Raft log, hard state and snapshots live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Root of per-job checkpoint directories (a shared filesystem in production).
+    #[serde(default = "default_checkpoint_root")]
+    pub checkpoint_root: PathBuf,
+    /// An agent silent for this long is marked lost.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub agent_lease: Duration,
+    /// How often agents are asked to send a heartbeat.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Raft's logical clock tick.
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub raft_tick: Duration,
+    /// Ticks without a leader before a follower campaigns.
+    #[serde(default = "default_election_ticks")]
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    #[serde(default = "default_heartbeat_ticks")]
+    pub heartbeat_ticks: usize,
+    /// Applied entries between state-machine snapshots (and log compaction).
+    #[serde(default = "default_snapshot_entries")]
+    pub snapshot_entries: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            node_id: default_node_id(),
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            checkpoint_root: default_checkpoint_root(),
+            agent_lease: default_lease(),
+            heartbeat_interval: default_heartbeat(),
+            raft_tick: default_tick(),
+            election_ticks: default_election_ticks(),
+            heartbeat_ticks: default_heartbeat_ticks(),
+            snapshot_entries: default_snapshot_entries(),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Read and validate a TOML file.
+    pub fn load(path: &Path) -> Result<SchedulerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<SchedulerConfig, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: SchedulerConfig =
+            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    /// Check values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("key `node_id`: must be at least 1".into());
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            return Err("key `election_ticks`: must be greater than `heartbeat_ticks`".into());
+        }
+        if self.heartbeat_ticks == 0 {
+            return Err("key `heartbeat_ticks`: must be at least 1".into());
+        }
+        if self.raft_tick.is_zero() {
+            return Err("key `raft_tick`: must be greater than 0".into());
+        }
+        if self.agent_lease <= self.heartbeat_interval {
+            return Err("key `agent_lease`: must be longer than `heartbeat_interval`".into());
+        }
+        if self.snapshot_entries == 0 {
+            return Err("key `snapshot_entries`: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let e = SchedulerConfig::parse("listen = \"127.0.0.1:1\"\nbogus = 1\n", Path::new("/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x.toml") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = SchedulerConfig::parse("agent_lease = \"soon\"\n", Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent_lease") && e.contains("s.toml"), "{e}");
+        let e = SchedulerConfig::parse("node_id = 0\n", Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node_id"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/scheduler.toml");
+        let cfg = SchedulerConfig::load(&p).unwrap();
+        assert_eq!(cfg.listen.port(), DEFAULT_PORT);
+    }
+}

@@ -1,0 +1,127 @@
+//! The leader's loops: planning, agent leases and time limits.
+//!
+//! Each loop does its work only while this node is the Raft leader, reads the
+//! applied state, and changes it only by proposing commands. The planner runs
+//! whenever the applied state changes (so a submission is placed within one
+//! round trip through the log) and at least every `PLAN_INTERVAL`.
+
+use crate::api::{now_ms, Ctx};
+use crate::model::{JobId, JobState, NodeState};
+use crate::planner;
+use crate::state::{ApplyResult, Command};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const PLAN_INTERVAL: Duration = Duration::from_secs(1);
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Run the planner loop until shutdown.
+pub async fn plan_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let mut status = ctx.raft.status();
+    let mut last_planned_applied = u64::MAX;
+    loop {
+        let st = status.borrow_and_update().clone();
+        if st.is_leader && st.applied != last_planned_applied {
+            last_planned_applied = st.applied;
+            plan_once(&ctx, st.term).await;
+        }
+        tokio::select! {
+            r = status.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(PLAN_INTERVAL) => { last_planned_applied = u64::MAX; }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn plan_once(ctx: &Ctx, term: u64) {
+    let plan = {
+        let state = ctx.raft.state();
+        planner::plan(&state)
+    };
+    let verdicts: BTreeMap<JobId, String> = plan
+        .verdicts
+        .iter()
+        .map(|(id, v)| (*id, v.to_string()))
+        .collect();
+    *ctx.verdicts.write().unwrap_or_else(|p| p.into_inner()) = verdicts;
+    if plan.placements.is_empty() {
+        return;
+    }
+    let cmd = Command::ApplyPlan {
+        term,
+        at_ms: now_ms(),
+        placements: plan.placements,
+    };
+    match ctx.raft.propose(cmd).await {
+        Ok(ApplyResult::Planned { placed, rejected }) => {
+            tracing::debug!(placed = placed.len(), rejected = rejected.len(), "plan applied");
+            for (job, why) in rejected {
+                tracing::info!(%job, "placement rejected at apply: {why}");
+            }
+        }
+        Ok(other) => tracing::warn!("unexpected plan result {other:?}"),
+        Err(e) => tracing::debug!("plan not proposed: {e}"),
+    }
+}
+
+/// Mark nodes lost when their lease expires, and time out jobs past their
+/// limit. Runs until shutdown.
+pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let lease = ctx.cfg.agent_lease;
+    let mut was_leader = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        let is_leader = ctx.raft.status().borrow().is_leader;
+        if is_leader && !was_leader {
+            // A new leader gives every node a full lease before judging it.
+            let state_nodes: Vec<String> = ctx.raft.state().nodes.keys().cloned().collect();
+            for n in state_nodes {
+                ctx.touch(&n);
+            }
+        }
+        was_leader = is_leader;
+        if !is_leader {
+            continue;
+        }
+        for cmd in due_commands(&ctx, lease) {
+            if let Err(e) = ctx.raft.propose(cmd).await {
+                tracing::debug!("housekeeping command not applied: {e}");
+            }
+        }
+    }
+}
+
+fn due_commands(ctx: &Ctx, lease: Duration) -> Vec<Command> {
+    let now = now_ms();
+    let state = ctx.raft.state();
+    let leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cmds = Vec::new();
+    for node in state.nodes.values().filter(|n| n.state == NodeState::Ready) {
+        let expired = leases
+            .get(&node.name)
+            .is_none_or(|t| Instant::now().duration_since(*t) > lease);
+        if expired {
+            tracing::warn!(node = %node.name, "agent lease expired; marking the node lost");
+            cmds.push(Command::NodeLost {
+                name: node.name.clone(),
+                at_ms: now,
+            });
+        }
+    }
+    for job in state.jobs.values().filter(|j| j.state == JobState::Running) {
+        if let Some(limit) = job.spec.time_limit_secs {
+            if now >= job.started_at_ms + (limit as i64) * 1000 {
+                cmds.push(Command::TimeOut {
+                    job: job.id,
+                    at_ms: now,
+                });
+            }
+        }
+    }
+    cmds
+}

@@ -1,0 +1,18 @@
+//! Muster's scheduler: the replicated state, the pure gang planner, the Raft
+//! driver on sled, and the gRPC services for clients and agents.
+//!
+//! Start at [`state`] (what is replicated and how it changes), then
+//! [`planner`] (how jobs are placed), then [`raft`] (how changes are agreed
+//! and made durable) and [`api`] (how the outside world reaches all this).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod leader;
+pub mod model;
+pub mod planner;
+pub mod raft;
+pub mod server;
+pub mod state;
+
+pub use config::SchedulerConfig;

@@ -1,0 +1,244 @@
+//! The domain model: what the replicated state is made of.
+//!
+//! Everything here is plain data (serde-serializable, `Clone`, ordered maps) so
+//! that the state machine in [`crate::state`] can apply commands
+//! deterministically and snapshot the whole state with one `bincode` call.
+//! Nothing here knows about gRPC (conversion lives in [`crate::api`]) or about
+//! time (the leader stamps times into commands before proposing them).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A job's id, assigned by the state machine at apply time (1, 2, 3, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// An allocation's id. A job gets a new allocation each time it is placed, so
+/// an order about an old allocation can never touch a newer run of the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AllocId(pub u64);
+
+/// What one task of a gang asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    /// Whole GPUs.
+    pub gpus: u32,
+    /// CPUs in thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A job as the user described it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub tenant: String,
+    /// Number of tasks in the gang; all are placed or none.
+    pub tasks: u32,
+    pub per_task: Resources,
+    /// Wall-clock limit in seconds, counted from the start of the job.
+    pub time_limit_secs: Option<u64>,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: String,
+    /// Explicit checkpoint directory; `None` means `<checkpoint_root>/<job id>`.
+    pub checkpoint_dir: Option<String>,
+}
+
+/// The lifecycle of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Placed,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    /// Completed, failed, cancelled or timed out: the job will not run again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::TimedOut
+        )
+    }
+
+    /// The lower-case name users see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Placed => "placed",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed-out",
+        }
+    }
+}
+
+/// The lifecycle of one task of an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Ordered onto a node; the agent has not reported a start yet.
+    Assigned,
+    Running,
+    Exited,
+    /// The node lost the task (node lost, or restarted without it).
+    Lost,
+}
+
+impl TaskState {
+    /// Whether the task may still hold its node's resources.
+    pub fn holds_resources(self) -> bool {
+        matches!(self, TaskState::Assigned | TaskState::Running)
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub message: String,
+}
+
+impl ExitInfo {
+    /// Exit code 0 and no signal.
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.signal.is_none() && !self.oom_killed
+    }
+
+    /// A short human description: "exit code 3", "OOM-killed", "signal 9".
+    pub fn describe(&self) -> String {
+        if self.oom_killed {
+            return "OOM-killed".to_string();
+        }
+        match (self.code, self.signal) {
+            (_, Some(sig)) => format!("killed by signal {sig}"),
+            (Some(code), None) => format!("exit code {code}"),
+            (None, None) if !self.message.is_empty() => self.message.clone(),
+            (None, None) => "unknown exit".to_string(),
+        }
+    }
+}
+
+/// Where one task of a gang runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskPlacement {
+    pub node: String,
+    /// Node-local GPU indices.
+    pub gpus: Vec<u32>,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+}
+
+/// The runtime status of one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub placement: TaskPlacement,
+    pub state: TaskState,
+    pub exit: Option<ExitInfo>,
+    pub started_at_ms: i64,
+    pub ended_at_ms: i64,
+}
+
+/// A placed gang: one allocation per run of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub id: AllocId,
+    /// Raft term of the leader whose plan created it (fencing).
+    pub term: u64,
+    pub placed_at_ms: i64,
+    /// Port for `MASTER_PORT` on the rank-0 node.
+    pub master_port: u16,
+    pub tasks: Vec<TaskStatus>,
+}
+
+/// A job and everything the cluster knows about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub user: String,
+    pub state: JobState,
+    pub submitted_at_ms: i64,
+    pub started_at_ms: i64,
+    pub ended_at_ms: i64,
+    /// Why the job ended as it did (failed, cancelled, ...).
+    pub reason: String,
+    pub restart_count: u32,
+    pub alloc: Option<Allocation>,
+}
+
+impl Job {
+    /// GPUs the whole gang asks for.
+    pub fn total_gpus(&self) -> u32 {
+        self.spec.tasks.saturating_mul(self.spec.per_task.gpus)
+    }
+}
+
+/// One GPU as the scheduler knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuRecord {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_bytes: u64,
+    pub minor: u32,
+    pub pci_bus_id: String,
+    pub numa_node: i32,
+    pub healthy: bool,
+}
+
+/// Whether a node takes work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    /// Its lease expired; its tasks were lost.
+    Lost,
+}
+
+impl NodeState {
+    /// The lower-case name users see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Lost => "lost",
+        }
+    }
+}
+
+/// A GPU host running an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// host:port of the agent's local service (logs).
+    pub address: String,
+    pub gpus: Vec<GpuRecord>,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+    pub registered_at_ms: i64,
+}
+
+/// A tenant: who jobs are charged to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub name: String,
+    /// Most GPUs the tenant's running jobs may hold; `None` is unlimited.
+    pub gpu_limit: Option<u32>,
+}

@@ -1,0 +1,194 @@
+//! The fit function, shared by the planner (to decide) and by `apply` (to
+//! re-check a plan against the state it lands on). One definition of "fits"
+//! is what makes a stale plan harmless.
+
+use crate::model::{JobSpec, Node, NodeState, Resources, TaskPlacement};
+use crate::state::{NodeUsage, Placement, State};
+use std::collections::BTreeSet;
+
+/// Longest job or tenant name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Check a job spec before it is accepted: sizes, command, tenant, and that
+/// each task fits on at least one known node.
+pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
+    if spec.tasks == 0 {
+        return Err("tasks must be at least 1".into());
+    }
+    if spec.per_task.cpu_millis == 0 {
+        return Err("cpus must be greater than 0".into());
+    }
+    if spec.per_task.memory_bytes == 0 {
+        return Err("memory must be greater than 0".into());
+    }
+    if spec.command.is_empty() || spec.command[0].is_empty() {
+        return Err("command must not be empty".into());
+    }
+    if spec.name.len() > MAX_NAME_LEN {
+        return Err(format!("name is longer than {MAX_NAME_LEN} characters"));
+    }
+    if spec.time_limit_secs == Some(0) {
+        return Err("time limit must be greater than 0".into());
+    }
+    let Some(tenant) = state.tenants.get(&spec.tenant) else {
+        return Err(format!("unknown tenant {:?}", spec.tenant));
+    };
+    let total = spec.tasks.saturating_mul(spec.per_task.gpus);
+    if let Some(limit) = tenant.gpu_limit {
+        if total > limit {
+            return Err(format!(
+                "job needs {total} GPUs but tenant {} is limited to {limit}",
+                tenant.name
+            ));
+        }
+    }
+    if !state.nodes.is_empty() && !state.nodes.values().any(|n| node_can_ever_fit(n, &spec.per_task))
+    {
+        return Err(never_fits_reason(state, &spec.per_task));
+    }
+    Ok(())
+}
+
+fn never_fits_reason(state: &State, r: &Resources) -> String {
+    let max_gpus = state.nodes.values().map(|n| n.gpus.len()).max().unwrap_or(0);
+    let max_cpu = state.nodes.values().map(|n| n.cpu_millis).max().unwrap_or(0);
+    let max_mem = state.nodes.values().map(|n| n.memory_bytes).max().unwrap_or(0);
+    if r.gpus as usize > max_gpus {
+        format!(
+            "a task asks for {} GPUs but the largest node has {max_gpus}",
+            r.gpus
+        )
+    } else if r.cpu_millis > max_cpu {
+        format!(
+            "a task asks for {} CPUs but the largest node has {}",
+            r.cpu_millis as f64 / 1000.0,
+            max_cpu as f64 / 1000.0
+        )
+    } else if r.memory_bytes > max_mem {
+        format!(
+            "a task asks for {} bytes of memory but the largest node has {max_mem}",
+            r.memory_bytes
+        )
+    } else {
+        "no node can ever hold one task of this job".into()
+    }
+}
+
+/// Whether an empty node could hold one task.
+pub fn node_can_ever_fit(node: &Node, r: &Resources) -> bool {
+    node.gpus.len() >= r.gpus as usize
+        && node.cpu_millis >= r.cpu_millis
+        && node.memory_bytes >= r.memory_bytes
+}
+
+/// Tenant names: `a-z0-9-_` segments separated by `/`.
+pub fn validate_tenant_name(name: &str) -> Result<(), String> {
+    let ok_seg = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    };
+    if name.len() > MAX_NAME_LEN || !name.split('/').all(ok_seg) {
+        return Err(format!(
+            "invalid tenant name {name:?}: use lower-case letters, digits, '-' and '_', \
+             with '/' between levels"
+        ));
+    }
+    Ok(())
+}
+
+/// Healthy GPUs of `node` that `usage` does not hold, in index order.
+pub fn free_gpus(node: &Node, usage: &NodeUsage) -> Vec<u32> {
+    node.gpus
+        .iter()
+        .filter(|g| g.healthy && !usage.gpus.contains_key(&g.index))
+        .map(|g| g.index)
+        .collect()
+}
+
+/// Take the resources of one task from `node`, if they fit: the GPUs chosen.
+pub fn take(node: &Node, usage: &NodeUsage, r: &Resources) -> Option<Vec<u32>> {
+    if node.state != NodeState::Ready
+        || usage.cpu_millis.saturating_add(r.cpu_millis) > node.cpu_millis
+        || usage.memory_bytes.saturating_add(r.memory_bytes) > node.memory_bytes
+    {
+        return None;
+    }
+    let free = free_gpus(node, usage);
+    if free.len() < r.gpus as usize {
+        return None;
+    }
+    Some(free[..r.gpus as usize].to_vec())
+}
+
+/// Re-check one gang of a plan against the current state, all or nothing.
+pub fn check_placement(state: &State, p: &Placement) -> Result<(), String> {
+    let Some(job) = state.jobs.get(&p.job) else {
+        return Err(format!("job {} not found", p.job));
+    };
+    if job.state != crate::model::JobState::Pending {
+        return Err(format!("job {} is {}, not pending", p.job, job.state.as_str()));
+    }
+    if p.tasks.len() != job.spec.tasks as usize {
+        return Err(format!(
+            "plan places {} tasks, job {} has {}",
+            p.tasks.len(),
+            p.job,
+            job.spec.tasks
+        ));
+    }
+    check_tenant_room(state, &job.spec)?;
+    let mut tentative: std::collections::BTreeMap<&str, NodeUsage> = Default::default();
+    for (i, t) in p.tasks.iter().enumerate() {
+        check_task(state, &mut tentative, job.id, &job.spec.per_task, t)
+            .map_err(|e| format!("task {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn check_task<'a>(
+    state: &State,
+    tentative: &mut std::collections::BTreeMap<&'a str, NodeUsage>,
+    job: crate::model::JobId,
+    r: &Resources,
+    t: &'a TaskPlacement,
+) -> Result<(), String> {
+    let Some(node) = state.nodes.get(&t.node) else {
+        return Err(format!("node {} not found", t.node));
+    };
+    if t.gpus.len() != r.gpus as usize || t.cpu_millis != r.cpu_millis || t.memory_bytes != r.memory_bytes
+    {
+        return Err("placement does not match the job's request".into());
+    }
+    let usage = tentative
+        .entry(t.node.as_str())
+        .or_insert_with(|| state.node_usage(&t.node));
+    let distinct: BTreeSet<u32> = t.gpus.iter().copied().collect();
+    let free: BTreeSet<u32> = free_gpus(node, usage).into_iter().collect();
+    if distinct.len() != t.gpus.len() || !distinct.is_subset(&free) {
+        return Err(format!("GPUs {:?} on {} are not free", t.gpus, t.node));
+    }
+    if take(node, usage, r).is_none() {
+        return Err(format!("node {} has no room", t.node));
+    }
+    usage.add(job, t);
+    Ok(())
+}
+
+/// Whether the tenant's limit leaves room for the whole gang.
+pub fn check_tenant_room(state: &State, spec: &JobSpec) -> Result<(), String> {
+    let Some(tenant) = state.tenants.get(&spec.tenant) else {
+        return Err(format!("unknown tenant {:?}", spec.tenant));
+    };
+    if let Some(limit) = tenant.gpu_limit {
+        let used = state.tenant_gpus_in_use(&spec.tenant);
+        let need = spec.tasks.saturating_mul(spec.per_task.gpus);
+        if used.saturating_add(need) > limit {
+            return Err(format!(
+                "tenant {} at its limit: {used} of {limit} GPUs in use, job needs {need}",
+                tenant.name
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! `State::apply`: one function per command, each checking before it changes
+//! anything, so a rejected command leaves no trace.
+
+use super::{ApplyResult, Command, NodeRegistration, Placement, State, TaskKey};
+use crate::model::{
+    AllocId, Allocation, ExitInfo, Job, JobId, JobSpec, JobState, Node, NodeState, TaskState,
+    TaskStatus, Tenant,
+};
+use crate::planner::fit;
+
+/// First port handed out as `MASTER_PORT`; each rank-0 node gets the lowest free
+/// port of the range.
+pub const MASTER_PORT_BASE: u16 = 29500;
+const MASTER_PORT_RANGE: u16 = 1000;
+
+impl State {
+    /// Apply one command. Deterministic; see the module docs.
+    pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
+        match cmd {
+            Command::Submit { spec, user, at_ms } => self.submit(spec, user, *at_ms),
+            Command::Cancel { job, at_ms } => self.cancel(*job, *at_ms),
+            Command::CreateTenant { tenant } => self.create_tenant(tenant),
+            Command::RegisterNode {
+                node,
+                running,
+                at_ms,
+            } => self.register_node(node, running, *at_ms),
+            Command::NodeLost { name, at_ms } => self.node_lost(name, *at_ms),
+            Command::ApplyPlan {
+                term,
+                at_ms,
+                placements,
+            } => self.apply_plan(*term, *at_ms, placements),
+            Command::TaskStarted { key, at_ms } => self.task_started(*key, *at_ms),
+            Command::TaskExited { key, exit, at_ms } => self.task_exited(*key, exit, *at_ms),
+            Command::TimeOut { job, at_ms } => self.time_out(*job, *at_ms),
+        }
+    }
+
+    fn submit(&mut self, spec: &JobSpec, user: &str, at_ms: i64) -> ApplyResult {
+        if let Err(reason) = fit::validate_spec(self, spec) {
+            return ApplyResult::Rejected(reason);
+        }
+        let id = JobId(self.next_job_id);
+        self.next_job_id += 1;
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                spec: spec.clone(),
+                user: user.to_string(),
+                state: JobState::Pending,
+                submitted_at_ms: at_ms,
+                started_at_ms: 0,
+                ended_at_ms: 0,
+                reason: String::new(),
+                restart_count: 0,
+                alloc: None,
+            },
+        );
+        self.pending.insert(id);
+        ApplyResult::Submitted(id)
+    }
+
+    fn cancel(&mut self, id: JobId, at_ms: i64) -> ApplyResult {
+        let Some(job) = self.jobs.get(&id) else {
+            return ApplyResult::NotFound(format!("job {id} not found"));
+        };
+        if job.state.is_terminal() {
+            return ApplyResult::Rejected(format!("job {id} already {}", job.state.as_str()));
+        }
+        self.finish_job(id, JobState::Cancelled, "cancelled by user".into(), at_ms);
+        ApplyResult::Applied
+    }
+
+    fn create_tenant(&mut self, tenant: &Tenant) -> ApplyResult {
+        if let Err(e) = fit::validate_tenant_name(&tenant.name) {
+            return ApplyResult::Rejected(e);
+        }
+        if self.tenants.contains_key(&tenant.name) {
+            return ApplyResult::Rejected(format!("tenant {} already exists", tenant.name));
+        }
+        self.tenants.insert(tenant.name.clone(), tenant.clone());
+        ApplyResult::Applied
+    }
+
+    fn register_node(
+        &mut self,
+        reg: &NodeRegistration,
+        running: &[TaskKey],
+        at_ms: i64,
+    ) -> ApplyResult {
+        let registered_at_ms = self
+            .nodes
+            .get(&reg.name)
+            .map(|n| n.registered_at_ms)
+            .unwrap_or(at_ms);
+        self.nodes.insert(
+            reg.name.clone(),
+            Node {
+                name: reg.name.clone(),
+                address: reg.address.clone(),
+                gpus: reg.gpus.clone(),
+                cpu_millis: reg.cpu_millis,
+                memory_bytes: reg.memory_bytes,
+                labels: reg.labels.clone(),
+                state: NodeState::Ready,
+                registered_at_ms,
+            },
+        );
+        // Tasks the scheduler believes run there but the agent no longer has.
+        let lost: Vec<TaskKey> = self
+            .tasks_on_node(&reg.name)
+            .into_iter()
+            .filter(|(k, st)| *st == TaskState::Running && !running.contains(k))
+            .map(|(k, _)| k)
+            .collect();
+        for key in lost {
+            let msg = format!("task lost: node {} came back without it", reg.name);
+            self.lose_task(key, msg, at_ms);
+        }
+        ApplyResult::Applied
+    }
+
+    fn node_lost(&mut self, name: &str, at_ms: i64) -> ApplyResult {
+        match self.nodes.get_mut(name) {
+            None => return ApplyResult::NotFound(format!("node {name} not found")),
+            Some(n) if n.state == NodeState::Lost => return ApplyResult::Applied,
+            Some(n) => n.state = NodeState::Lost,
+        }
+        let keys: Vec<TaskKey> = self
+            .tasks_on_node(name)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.lose_task(key, format!("node {name} lost"), at_ms);
+        }
+        ApplyResult::Applied
+    }
+
+    fn apply_plan(&mut self, term: u64, at_ms: i64, placements: &[Placement]) -> ApplyResult {
+        let mut placed = Vec::new();
+        let mut rejected = Vec::new();
+        for p in placements {
+            match fit::check_placement(self, p) {
+                Ok(()) => {
+                    self.place(p, term, at_ms);
+                    placed.push(p.job);
+                }
+                Err(reason) => rejected.push((p.job, reason)),
+            }
+        }
+        ApplyResult::Planned { placed, rejected }
+    }
+
+    fn place(&mut self, p: &Placement, term: u64, at_ms: i64) {
+        let alloc_id = AllocId(self.next_alloc_id);
+        self.next_alloc_id += 1;
+        let master_port = self.free_master_port(&p.tasks[0].node);
+        let Some(job) = self.jobs.get_mut(&p.job) else {
+            return;
+        };
+        job.state = JobState::Placed;
+        job.reason.clear();
+        job.alloc = Some(Allocation {
+            id: alloc_id,
+            term,
+            placed_at_ms: at_ms,
+            master_port,
+            tasks: p
+                .tasks
+                .iter()
+                .map(|t| TaskStatus {
+                    placement: t.clone(),
+                    state: TaskState::Assigned,
+                    exit: None,
+                    started_at_ms: 0,
+                    ended_at_ms: 0,
+                })
+                .collect(),
+        });
+        self.pending.remove(&p.job);
+        self.index_job(p.job);
+    }
+
+    fn free_master_port(&self, rank0_node: &str) -> u16 {
+        let used: std::collections::BTreeSet<u16> = self
+            .active
+            .iter()
+            .filter_map(|id| self.jobs.get(id)?.alloc.as_ref())
+            .filter(|a| a.tasks.first().map(|t| t.placement.node.as_str()) == Some(rank0_node))
+            .map(|a| a.master_port)
+            .collect();
+        (MASTER_PORT_BASE..MASTER_PORT_BASE + MASTER_PORT_RANGE)
+            .find(|p| !used.contains(p))
+            .unwrap_or(MASTER_PORT_BASE)
+    }
+
+    fn task_started(&mut self, key: TaskKey, at_ms: i64) -> ApplyResult {
+        let Some(task) = self.task_mut(key) else {
+            return ApplyResult::Rejected(format!("no task {}.{}", key.job, key.task));
+        };
+        if task.state != TaskState::Assigned {
+            return ApplyResult::Applied;
+        }
+        task.state = TaskState::Running;
+        task.started_at_ms = at_ms;
+        if let Some(job) = self.jobs.get_mut(&key.job) {
+            if job.state == JobState::Placed {
+                job.state = JobState::Running;
+                job.started_at_ms = at_ms;
+            }
+        }
+        ApplyResult::Applied
+    }
+
+    fn task_exited(&mut self, key: TaskKey, exit: &ExitInfo, at_ms: i64) -> ApplyResult {
+        let Some(task) = self.task_mut(key) else {
+            return ApplyResult::Rejected(format!("no task {}.{}", key.job, key.task));
+        };
+        if !task.state.holds_resources() {
+            return ApplyResult::Applied;
+        }
+        task.state = TaskState::Exited;
+        task.exit = Some(exit.clone());
+        task.ended_at_ms = at_ms;
+        self.release_task(key);
+        let Some(job) = self.jobs.get(&key.job) else {
+            return ApplyResult::Applied;
+        };
+        if !job.state.is_terminal() {
+            if !exit.success() {
+                let reason = format!("task {} {}", key.task, exit.describe());
+                self.finish_job(key.job, JobState::Failed, reason, at_ms);
+            } else if all_tasks(job, |t| t.state == TaskState::Exited) {
+                self.finish_job(key.job, JobState::Completed, String::new(), at_ms);
+            }
+        }
+        self.index_job(key.job);
+        ApplyResult::Applied
+    }
+
+    fn time_out(&mut self, id: JobId, at_ms: i64) -> ApplyResult {
+        let Some(job) = self.jobs.get(&id) else {
+            return ApplyResult::NotFound(format!("job {id} not found"));
+        };
+        let Some(limit) = job.spec.time_limit_secs else {
+            return ApplyResult::Rejected(format!("job {id} has no time limit"));
+        };
+        let deadline = job.started_at_ms.saturating_add((limit as i64).saturating_mul(1000));
+        if job.state != JobState::Running || at_ms < deadline {
+            return ApplyResult::Rejected(format!("job {id} is not past its time limit"));
+        }
+        let reason = format!("time limit of {limit}s reached");
+        self.finish_job(id, JobState::TimedOut, reason, at_ms);
+        ApplyResult::Applied
+    }
+
+    /// Move a job to a terminal state. Tasks that never started give their
+    /// resources back now; running ones hold them until their agent reports
+    /// the exit (the agent kills them because they are no longer desired).
+    fn finish_job(&mut self, id: JobId, state: JobState, reason: String, at_ms: i64) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.state = state;
+        job.reason = reason;
+        job.ended_at_ms = at_ms;
+        let mut unstarted = Vec::new();
+        if let Some(alloc) = job.alloc.as_mut() {
+            for (i, t) in alloc.tasks.iter_mut().enumerate() {
+                if t.state == TaskState::Assigned {
+                    t.state = TaskState::Exited;
+                    t.exit = Some(ExitInfo {
+                        message: "never started".into(),
+                        ..ExitInfo::default()
+                    });
+                    t.ended_at_ms = at_ms;
+                    unstarted.push((i as u32, t.placement.clone()));
+                }
+            }
+        }
+        for (_, p) in unstarted {
+            if let Some(u) = self.usage.get_mut(&p.node) {
+                u.remove(id, &p);
+            }
+        }
+        self.pending.remove(&id);
+        self.index_job(id);
+    }
+
+    fn lose_task(&mut self, key: TaskKey, message: String, at_ms: i64) {
+        let Some(task) = self.task_mut(key) else {
+            return;
+        };
+        task.state = TaskState::Lost;
+        task.exit = Some(ExitInfo {
+            message: message.clone(),
+            ..ExitInfo::default()
+        });
+        task.ended_at_ms = at_ms;
+        self.release_task(key);
+        let active = self
+            .jobs
+            .get(&key.job)
+            .is_some_and(|j| !j.state.is_terminal());
+        if active {
+            self.finish_job(key.job, JobState::Failed, message, at_ms);
+        }
+        self.index_job(key.job);
+    }
+
+    fn release_task(&mut self, key: TaskKey) {
+        let placement = self
+            .jobs
+            .get(&key.job)
+            .and_then(|j| j.alloc.as_ref())
+            .and_then(|a| a.tasks.get(key.task as usize))
+            .map(|t| t.placement.clone());
+        if let Some(p) = placement {
+            if let Some(u) = self.usage.get_mut(&p.node) {
+                u.remove(key.job, &p);
+            }
+        }
+    }
+
+    fn task_mut(&mut self, key: TaskKey) -> Option<&mut TaskStatus> {
+        let alloc = self.jobs.get_mut(&key.job)?.alloc.as_mut()?;
+        if alloc.id.0 != key.alloc {
+            return None;
+        }
+        alloc.tasks.get_mut(key.task as usize)
+    }
+
+    /// Tasks of live allocations placed on `node`, with their states.
+    pub fn tasks_on_node(&self, node: &str) -> Vec<(TaskKey, TaskState)> {
+        let mut out = Vec::new();
+        for id in &self.active {
+            let Some(alloc) = self.jobs.get(id).and_then(|j| j.alloc.as_ref()) else {
+                continue;
+            };
+            for (i, t) in alloc.tasks.iter().enumerate() {
+                if t.placement.node == node && t.state.holds_resources() {
+                    let key = TaskKey {
+                        job: *id,
+                        alloc: alloc.id.0,
+                        task: i as u32,
+                    };
+                    out.push((key, t.state));
+                }
+            }
+        }
+        out
+    }
+
+    /// Bring the derived indexes in line with one job (after a change to it).
+    pub(super) fn index_job(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if job.state == JobState::Pending {
+            self.pending.insert(id);
+        }
+        let holds = job
+            .alloc
+            .as_ref()
+            .is_some_and(|a| a.tasks.iter().any(|t| t.state.holds_resources()));
+        if holds && !self.active.contains(&id) {
+            self.active.insert(id);
+            if let Some(alloc) = &job.alloc {
+                for t in alloc.tasks.iter().filter(|t| t.state.holds_resources()) {
+                    self.usage
+                        .entry(t.placement.node.clone())
+                        .or_default()
+                        .add(id, &t.placement);
+                }
+            }
+        } else if !holds {
+            self.active.remove(&id);
+        }
+    }
+}
+
+fn all_tasks(job: &Job, f: impl Fn(&TaskStatus) -> bool) -> bool {
+    job.alloc.as_ref().is_some_and(|a| a.tasks.iter().all(f))
+}

@@ -1,0 +1,236 @@
+//! The replicated state machine.
+//!
+//! Every change that must survive a crash is a [`Command`] in the Raft log, and
+//! [`State::apply`] is the only way state changes. `apply` is deterministic: it
+//! reads no clock, no randomness and no environment, and iterates only sorted
+//! maps, so every replica that applies the same log reaches the same state
+//! (the tests compare digests). The leader stamps times and the allocation's
+//! term into a command before proposing it.
+//!
+//! A command that is not allowed (an unknown tenant, a stale plan, a cancel of
+//! a finished job) is not an error: `apply` returns [`ApplyResult::Rejected`]
+//! with the reason and leaves the state exactly as it was.
+//!
+//! Plans are re-checked here against the state they land on with the same fit
+//! function the planner uses ([`crate::planner::fit`]), all or nothing per
+//! gang, so a stale plan can never over-commit a GPU or a quota.
+
+mod apply;
+mod usage;
+
+pub use usage::NodeUsage;
+
+use crate::model::{ExitInfo, GpuRecord, Job, JobId, JobSpec, Node, TaskPlacement, Tenant};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The name of the tenant every cluster starts with.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A node as an agent registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub name: String,
+    pub address: String,
+    pub gpus: Vec<GpuRecord>,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A task the agent says it still has (running, or exited but not yet reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskKey {
+    pub job: JobId,
+    pub alloc: u64,
+    pub task: u32,
+}
+
+/// One gang of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub job: JobId,
+    pub tasks: Vec<TaskPlacement>,
+}
+
+/// Everything that changes the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Submit {
+        spec: JobSpec,
+        user: String,
+        at_ms: i64,
+    },
+    Cancel {
+        job: JobId,
+        at_ms: i64,
+    },
+    CreateTenant {
+        tenant: Tenant,
+    },
+    RegisterNode {
+        node: NodeRegistration,
+        /// Tasks the agent reports it still has; running tasks of this node
+        /// that are missing here were lost.
+        running: Vec<TaskKey>,
+        at_ms: i64,
+    },
+    NodeLost {
+        name: String,
+        at_ms: i64,
+    },
+    ApplyPlan {
+        term: u64,
+        at_ms: i64,
+        placements: Vec<Placement>,
+    },
+    TaskStarted {
+        key: TaskKey,
+        at_ms: i64,
+    },
+    TaskExited {
+        key: TaskKey,
+        exit: ExitInfo,
+        at_ms: i64,
+    },
+    TimeOut {
+        job: JobId,
+        at_ms: i64,
+    },
+}
+
+impl Command {
+    /// Serialize for the Raft log.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain owned data into a Vec cannot fail.
+        bincode::serialize(self).unwrap_or_default()
+    }
+
+    /// Parse a Raft log entry.
+    pub fn decode(data: &[u8]) -> Result<Command, bincode::Error> {
+        bincode::deserialize(data)
+    }
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyResult {
+    /// The state changed (or the command was a harmless no-op).
+    Applied,
+    /// A job was accepted with this id.
+    Submitted(JobId),
+    /// A plan was applied: these jobs were placed, the others rejected.
+    Planned { placed: Vec<JobId>, rejected: Vec<(JobId, String)> },
+    /// Not allowed; the state is unchanged.
+    Rejected(String),
+    /// The job does not exist; the state is unchanged.
+    NotFound(String),
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub jobs: BTreeMap<JobId, Job>,
+    pub nodes: BTreeMap<String, Node>,
+    pub tenants: BTreeMap<String, Tenant>,
+    pub next_job_id: u64,
+    pub next_alloc_id: u64,
+    /// Derived: jobs waiting to be placed, in id (submission) order.
+    #[serde(skip)]
+    pub pending: BTreeSet<JobId>,
+    /// Derived: jobs with an allocation that still holds resources.
+    #[serde(skip)]
+    pub active: BTreeSet<JobId>,
+    /// Derived: what each node has handed out.
+    #[serde(skip)]
+    pub usage: BTreeMap<String, NodeUsage>,
+}
+
+impl State {
+    /// A fresh cluster: the default tenant and nothing else.
+    pub fn new() -> State {
+        let mut s = State {
+            next_job_id: 1,
+            next_alloc_id: 1,
+            ..State::default()
+        };
+        s.tenants.insert(
+            DEFAULT_TENANT.to_string(),
+            Tenant {
+                name: DEFAULT_TENANT.to_string(),
+                gpu_limit: None,
+            },
+        );
+        s
+    }
+
+    /// Serialize the whole state for a Raft snapshot.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        bincode::serialize(self).unwrap_or_default()
+    }
+
+    /// Restore from a Raft snapshot, rebuilding the derived indexes.
+    pub fn from_snapshot(data: &[u8]) -> Result<State, bincode::Error> {
+        if data.is_empty() {
+            return Ok(State::new());
+        }
+        let mut s: State = bincode::deserialize(data)?;
+        s.rebuild_indexes();
+        Ok(s)
+    }
+
+    /// Recompute `pending`, `active` and `usage` from the jobs.
+    pub fn rebuild_indexes(&mut self) {
+        self.pending.clear();
+        self.active.clear();
+        self.usage.clear();
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.index_job(id);
+        }
+    }
+
+    /// A stable digest of the replicated part of the state (for comparing replicas).
+    pub fn digest(&self) -> u64 {
+        // FNV-1a over the canonical serialization: stable across processes.
+        let bytes = self.to_snapshot();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    /// GPUs held by the tenant's live allocations.
+    pub fn tenant_gpus_in_use(&self, tenant: &str) -> u32 {
+        self.active
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.spec.tenant == tenant)
+            .map(held_gpus)
+            .sum()
+    }
+
+    /// Usage of one node (zero if nothing was ever placed there).
+    pub fn node_usage(&self, node: &str) -> NodeUsage {
+        self.usage.get(node).cloned().unwrap_or_default()
+    }
+}
+
+/// GPUs still held by a job's tasks.
+pub fn held_gpus(job: &Job) -> u32 {
+    job.alloc
+        .as_ref()
+        .map(|a| {
+            a.tasks
+                .iter()
+                .filter(|t| t.state.holds_resources())
+                .map(|t| t.placement.gpus.len() as u32)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;
