@@ -1,0 +1,250 @@
+//! `agent.toml`: every key is documented in `config/agent.toml`. Parsed and
+//! validated before anything starts; errors name the key and the file.
+
+use crate::gpu::GpuBackendConfig;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Which cgroup hierarchy to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// Detect: v2 if the unified hierarchy has the controllers, else v1.
+    Auto,
+    V1,
+    V2,
+    /// No isolation at all (laptops, unprivileged `muster dev`). Tasks can see
+    /// every GPU and have no memory or CPU limit.
+    None,
+}
+
+fn default_schedulers() -> Vec<String> {
+    vec![format!("http://127.0.0.1:{}", 7470)]
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7471))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/muster/agent")
+}
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
+}
+fn default_cgroup_parent() -> String {
+    "muster".into()
+}
+fn default_cgroups() -> CgroupMode {
+    CgroupMode::Auto
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_gpu() -> GpuBackendConfig {
+    GpuBackendConfig::Nvml { library_path: None }
+}
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Node name; defaults to the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Scheduler addresses; the agent tries them in turn.
+    #[serde(default = "default_schedulers")]
+    pub schedulers: Vec<String>,
+    /// Address of this agent's local service (task logs).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address others use to reach `listen`, and the host jobs use as
+    /// MASTER_ADDR; defaults to the bound address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Task records and logs.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_cgroups")]
+    pub cgroups: CgroupMode,
+    /// Mount point of the cgroup filesystem(s).
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+    /// Cgroup (per hierarchy) under which task cgroups are created.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
+    /// Run jobs whose user is root. Off by default: until authentication
+    /// lands, a job's user is what the client claims.
+    #[serde(default)]
+    pub allow_root_jobs: bool,
+    /// Time between SIGTERM and SIGKILL when a task is stopped.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub kill_grace: Duration,
+    /// CPUs offered to jobs, in milli-CPUs; defaults to all online CPUs.
+    #[serde(default)]
+    pub cpu_millis: Option<u32>,
+    /// Memory offered to jobs in bytes; defaults to MemTotal less 1 GiB.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// Free-form labels (rack, block, switch) reported to the scheduler.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The GPU inventory backend.
+    #[serde(default = "default_gpu")]
+    pub gpu: GpuBackendConfig,
+    /// The program run as each task's supervisor; defaults to this executable.
+    #[serde(default)]
+    pub shim_path: Option<PathBuf>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+        node_name: None,
+        schedulers: default_schedulers(),
+        listen: default_listen(),
+        advertise: None,
+        data_dir: default_data_dir(),
+        cgroups: default_cgroups(),
+        cgroup_root: default_cgroup_root(),
+        cgroup_parent: default_cgroup_parent(),
+        allow_root_jobs: false,
+        kill_grace: default_grace(),
+        cpu_millis: None,
+        memory_bytes: None,
+        labels: BTreeMap::new(),
+        gpu: default_gpu(),
+            shim_path: None,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Read and validate a TOML file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: AgentConfig =
+            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    /// Check values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.schedulers.is_empty() {
+            return Err("key `schedulers`: list at least one scheduler address".into());
+        }
+        if let Some(n) = &self.node_name {
+            if n.is_empty() || n.len() > 253 || n.contains(char::is_whitespace) {
+                return Err(format!("key `node_name`: invalid node name {n:?}"));
+            }
+        }
+        if self.cgroup_parent.is_empty() || self.cgroup_parent.contains("..") {
+            return Err("key `cgroup_parent`: must be a relative cgroup path".into());
+        }
+        if self.cpu_millis == Some(0) {
+            return Err("key `cpu_millis`: must be greater than 0".into());
+        }
+        if self.memory_bytes == Some(0) {
+            return Err("key `memory_bytes`: must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// The node name: configured, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+}
+
+/// Online CPUs × 1000.
+pub fn host_cpu_millis() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32 * 1000)
+        .unwrap_or(1000)
+}
+
+/// MemTotal from /proc/meminfo less 1 GiB for the system, at least 1 GiB.
+pub fn host_memory_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(4 << 30);
+    total.saturating_sub(1 << 30).max(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let e = AgentConfig::parse("colour = 1\n", Path::new("/etc/a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/a.toml") && e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = AgentConfig::parse("kill_grace = \"forever\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kill_grace"), "{e}");
+        let e = AgentConfig::parse("schedulers = []\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schedulers"), "{e}");
+        let e = AgentConfig::parse("cgroups = \"v3\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cgroups"), "{e}");
+    }
+
+    #[test]
+    fn defaults_and_example_config() {
+        let d = AgentConfig::default();
+        assert_eq!(d.cgroups, CgroupMode::Auto);
+        assert!(!d.allow_root_jobs);
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/agent.toml");
+        let cfg = AgentConfig::load(&p).unwrap();
+        assert_eq!(cfg.kill_grace, Duration::from_secs(10));
+    }
+}

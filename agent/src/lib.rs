@@ -1,0 +1,153 @@
+//! Muster's agent: one per GPU host. It discovers the host's GPUs (NVML, or a
+//! simulated inventory), registers with the schedulers, and runs the tasks it
+//! is assigned as their users, each in a cgroup that admits only its GPUs and
+//! limits its memory and CPUs.
+//!
+//! The map: [`gpu`] (inventory behind a small trait), [`cgroup`] (v1 and v2
+//! behind a small trait, rooted at a path), [`task`] (shims, identities,
+//! re-adoption), [`reconcile`] (the pure desired-vs-observed function),
+//! [`session`] (the stream to the scheduler) and [`local`] (this host's own
+//! service: logs).
+// deny, not forbid: the shim's pre-exec step and cgroup/bpf.rs's bpf(2)
+// wrappers carry narrow, commented `allow(unsafe_code)`.
+#![deny(unsafe_code)]
+
+pub mod cgroup;
+pub mod config;
+pub mod gpu;
+pub mod local;
+pub mod reconcile;
+pub mod session;
+pub mod task;
+
+pub use config::AgentConfig;
+
+use config::CgroupMode;
+use muster_proto as pb;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Errors that stop the agent before it serves.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("GPU inventory: {0}")]
+    Gpu(#[from] gpu::GpuError),
+    #[error("cgroups: {0}")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("data folder {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find this executable to use as the task supervisor: {0}")]
+    Shim(std::io::Error),
+    #[error("local service: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Open the cgroup manager the configuration asks for.
+pub fn open_cgroups(cfg: &AgentConfig) -> Result<Option<Arc<dyn cgroup::Cgroups>>, AgentError> {
+    let cg: Arc<dyn cgroup::Cgroups> = match cfg.cgroups {
+        CgroupMode::None => {
+            tracing::warn!(
+                "cgroups = \"none\": tasks are NOT isolated (every GPU visible, no memory or CPU limits)"
+            );
+            return Ok(None);
+        }
+        CgroupMode::Auto => Arc::from(cgroup::detect(&cfg.cgroup_root, &cfg.cgroup_parent)?),
+        CgroupMode::V1 => Arc::new(cgroup::v1(&cfg.cgroup_root, &cfg.cgroup_parent)?),
+        CgroupMode::V2 => Arc::new(cgroup::v2(&cfg.cgroup_root, &cfg.cgroup_parent)?),
+    };
+    tracing::info!(version = %cg.version(), root = %cfg.cgroup_root.display(), "cgroups in use");
+    Ok(Some(cg))
+}
+
+fn gpus_to_pb(gpus: Vec<gpu::Gpu>) -> Vec<pb::GpuInfo> {
+    gpus.into_iter()
+        .map(|g| pb::GpuInfo {
+            index: g.index,
+            uuid: g.uuid,
+            model: g.model,
+            memory_bytes: g.memory_bytes,
+            minor: g.minor,
+            pci_bus_id: g.pci_bus_id,
+            numa_node: g.numa_node,
+            healthy: g.healthy,
+            allocated_to: 0,
+        })
+        .collect()
+}
+
+/// Run an agent whose local service listens on `listener`, until `shutdown`
+/// resolves. `ready` is called once the agent serves.
+pub async fn run(
+    cfg: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce() + Send,
+) -> Result<(), AgentError> {
+    let inventory = gpu::open(&cfg.gpu)?;
+    let gpus = gpus_to_pb(inventory.gpus()?);
+    tracing::info!(backend = inventory.backend(), count = gpus.len(), "GPUs found");
+    let cgroups = open_cgroups(&cfg)?;
+    let data_dir = cfg.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let shim_path = match &cfg.shim_path {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(AgentError::Shim)?,
+    };
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let settings = task::RuntimeSettings {
+        data_dir: data_dir.clone(),
+        shim_path,
+        allow_root_jobs: cfg.allow_root_jobs,
+        kill_grace: cfg.kill_grace,
+    };
+    let runtime = task::Runtime::new(settings, cgroups, events_tx).map_err(|source| {
+        AgentError::DataDir {
+            path: data_dir.clone(),
+            source,
+        }
+    })?;
+    let bound = listener.local_addr().map_err(|source| AgentError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let node = session::NodeInfo {
+        name: cfg.node_name(),
+        address: cfg.advertise.clone().unwrap_or_else(|| bound.to_string()),
+        gpus,
+        cpu_millis: cfg.cpu_millis.unwrap_or_else(config::host_cpu_millis),
+        memory_bytes: cfg.memory_bytes.unwrap_or_else(config::host_memory_bytes),
+        labels: cfg.labels.clone(),
+    };
+    tracing::info!(node = %node.name, address = %node.address, "agent starting");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sessions = tokio::spawn(session::run(
+        cfg.schedulers.clone(),
+        node,
+        runtime.clone(),
+        events_rx,
+        data_dir.join("term"),
+        stop_rx.clone(),
+    ));
+    ready();
+    let local = muster_proto::agent_local_server::AgentLocalServer::new(local::LocalService::new(
+        runtime.clone(),
+    ));
+    let result = tonic::transport::Server::builder()
+        .add_service(local)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = sessions.await;
+    tracing::info!("agent stopped; tasks keep running under their supervisors");
+    result.map_err(AgentError::from)
+}

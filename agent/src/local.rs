@@ -1,0 +1,128 @@
+//! `AgentLocal`: the service each agent serves on its own address. Today it
+//! serves task logs (`muster logs`), from the files the shims write, while the
+//! task runs (with `follow`) and after it ended.
+
+use crate::task::Runtime;
+use muster_proto as pb;
+use muster_proto::agent_local_server::AgentLocal;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+const CHUNK: usize = 64 * 1024;
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// The local service.
+pub struct LocalService {
+    runtime: Arc<Runtime>,
+}
+
+impl LocalService {
+    /// A service reading the runtime's log files.
+    pub fn new(runtime: Arc<Runtime>) -> LocalService {
+        LocalService { runtime }
+    }
+}
+
+type LogStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+struct Source {
+    stream: pb::LogStream,
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Source {
+    /// Read what was appended since the last call (at most one chunk).
+    fn read_more(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e),
+        };
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = vec![0u8; CHUNK];
+        let n = f.read(&mut buf)?;
+        buf.truncate(n);
+        self.offset += n as u64;
+        Ok(buf)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentLocal for LocalService {
+    type ReadLogsStream = LogStream;
+
+    async fn read_logs(
+        &self,
+        req: Request<pb::LogRequest>,
+    ) -> Result<Response<LogStream>, Status> {
+        let req = req.into_inner();
+        let mut streams: Vec<pb::LogStream> = req
+            .streams
+            .iter()
+            .filter_map(|s| pb::LogStream::try_from(*s).ok())
+            .filter(|s| *s != pb::LogStream::Unspecified)
+            .collect();
+        if streams.is_empty() {
+            streams = vec![pb::LogStream::Stdout, pb::LogStream::Stderr];
+        }
+        let mut sources: Vec<Source> = streams
+            .into_iter()
+            .map(|s| {
+                let name = if s == pb::LogStream::Stdout { "stdout" } else { "stderr" };
+                Source {
+                    stream: s,
+                    path: self.runtime.log_path(req.job_id, req.task_index, name),
+                    offset: 0,
+                }
+            })
+            .collect();
+        if !sources.iter().any(|s| s.path.exists()) && !self.runtime.is_live(req.job_id, req.task_index) {
+            return Err(Status::not_found(format!(
+                "no logs for job {} task {} on this node",
+                req.job_id, req.task_index
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let runtime = self.runtime.clone();
+        tokio::spawn(async move {
+            loop {
+                // Decide before reading: output written before the exit is
+                // then always read in this round.
+                let live = req.follow && runtime.is_live(req.job_id, req.task_index);
+                let mut progressed = false;
+                for s in sources.iter_mut() {
+                    loop {
+                        match s.read_more() {
+                            Ok(data) if data.is_empty() => break,
+                            Ok(data) => {
+                                progressed = true;
+                                let chunk = pb::LogChunk { stream: s.stream as i32, data };
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::internal(format!("{}: {e}", s.path.display())))).await;
+                                return;
+                            }
+                        }
+                    }
+                }
+                if !live && !progressed {
+                    return;
+                }
+                if !progressed {
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

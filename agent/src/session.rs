@@ -1,0 +1,218 @@
+//! The agent's connection to the schedulers.
+//!
+//! One `AgentApi.Session` stream at a time. On every (re)connection the agent
+//! registers with its GPUs, CPUs, memory and every task it still has (so
+//! running work is adopted, not restarted), then replays task events the
+//! scheduler may have missed. Assignment sets from a term older than the
+//! newest one seen are ignored (fencing): a deposed leader cannot start or
+//! stop anything here. If a scheduler is unreachable the next one is tried,
+//! with a capped backoff.
+
+use crate::task::{Event, Runtime};
+use muster_proto as pb;
+use muster_proto::agent_api_client::AgentApiClient;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// What the agent tells the scheduler about itself (minus its tasks).
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub address: String,
+    pub gpus: Vec<pb::GpuInfo>,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// The newest Raft term whose orders this agent followed, kept on disk.
+struct Fence {
+    path: PathBuf,
+    term: u64,
+}
+
+impl Fence {
+    fn load(path: PathBuf) -> Fence {
+        let term = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        Fence { path, term }
+    }
+
+    /// Accept orders of `term`? Raises the fence when `term` is newer.
+    fn admit(&mut self, term: u64) -> bool {
+        if term < self.term {
+            return false;
+        }
+        if term > self.term {
+            self.term = term;
+            if let Err(e) = crate::task::shim::write_atomic(&self.path, term.to_string().as_bytes()) {
+                tracing::warn!("cannot persist term fence {}: {e}", self.path.display());
+            }
+        }
+        true
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Keep a session with some scheduler until `shutdown` flips.
+pub async fn run(
+    schedulers: Vec<String>,
+    node: NodeInfo,
+    runtime: Arc<Runtime>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    fence_path: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut fence = Fence::load(fence_path);
+    let mut backoff = Duration::from_millis(100);
+    let mut i = 0usize;
+    loop {
+        let addr = &schedulers[i % schedulers.len()];
+        i += 1;
+        tokio::select! {
+            r = session(addr, &node, &runtime, &mut events, &mut fence) => match r {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => tracing::warn!(scheduler = %addr, "session ended: {e}"),
+            },
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    tonic::transport::Endpoint::from_shared(url)
+        .map(|e| e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
+        .map_err(|e| format!("bad scheduler address {addr:?}: {e}"))
+}
+
+async fn session(
+    addr: &str,
+    node: &NodeInfo,
+    runtime: &Arc<Runtime>,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    fence: &mut Fence,
+) -> Result<(), String> {
+    let channel = endpoint(addr)?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut client = AgentApiClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1024);
+    let register = pb::Register {
+        node: node.name.clone(),
+        address: node.address.clone(),
+        gpus: node.gpus.clone(),
+        cpu_millis: node.cpu_millis,
+        memory_bytes: node.memory_bytes,
+        labels: node.labels.clone().into_iter().collect(),
+        running: runtime.inventory(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        seen_term: fence.term,
+    };
+    send(&tx, pb::agent_message::Kind::Register(register)).await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("session refused: {}", e.message()))?
+        .into_inner();
+    let first = inbound.message().await.map_err(|e| e.message().to_string())?;
+    let Some(pb::SchedulerMessage {
+        kind: Some(pb::scheduler_message::Kind::Registered(reg)),
+    }) = first
+    else {
+        return Err("scheduler did not acknowledge the registration".into());
+    };
+    fence.admit(reg.term);
+    tracing::info!(scheduler = %addr, term = reg.term, "registered");
+    for ev in runtime.replay_events() {
+        send(&tx, event_to_pb(&ev)).await?;
+    }
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(100)));
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                send(&tx, pb::agent_message::Kind::Heartbeat(pb::Heartbeat {})).await?;
+            }
+            ev = events.recv() => {
+                let Some(ev) = ev else { return Ok(()) };
+                send(&tx, event_to_pb(&ev)).await?;
+                if let Event::Exited { key, .. } = ev {
+                    runtime.exit_sent(key);
+                }
+            }
+            msg = inbound.message() => {
+                let msg = msg.map_err(|e| e.message().to_string())?;
+                let Some(msg) = msg else { return Err("scheduler closed the session".into()) };
+                if let Some(pb::scheduler_message::Kind::Assignments(a)) = msg.kind {
+                    if fence.admit(a.term) {
+                        runtime.set_desired(a.tasks);
+                    } else {
+                        tracing::warn!(term = a.term, fence = fence.term, "ignoring orders from an older term");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    kind: pb::agent_message::Kind,
+) -> Result<(), String> {
+    tx.send(pb::AgentMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| "session stream closed".to_string())
+}
+
+fn event_to_pb(ev: &Event) -> pb::agent_message::Kind {
+    let (key, kind) = match ev {
+        Event::Started { key, pid } => (
+            key,
+            pb::task_event::Kind::Started(pb::TaskStarted { pid: *pid }),
+        ),
+        Event::Exited { key, exit } => (key, pb::task_event::Kind::Exited(exit.clone())),
+    };
+    pb::agent_message::Kind::Event(pb::TaskEvent {
+        job_id: key.job,
+        alloc_id: key.alloc,
+        task_index: key.task,
+        kind: Some(kind),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_refuses_older_terms_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("term");
+        let mut f = Fence::load(p.clone());
+        assert!(f.admit(3));
+        assert!(f.admit(3));
+        assert!(!f.admit(2));
+        let mut again = Fence::load(p);
+        assert_eq!(again.term, 3);
+        assert!(!again.admit(1));
+        assert!(again.admit(4));
+    }
+}

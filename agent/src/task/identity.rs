@@ -1,0 +1,147 @@
+//! Who a task runs as: the submitting user, looked up on this host.
+//!
+//! A root agent switches to the user (supplementary groups, gid, uid). An
+//! unprivileged agent (a laptop's `muster dev`) can only run tasks as itself
+//! and refuses jobs of other users. A job whose user is root runs only where
+//! the configuration allows it explicitly: until authentication lands, a
+//! job's user is what the client claims.
+
+use nix::unistd::{Gid, Uid, User};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A resolved user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+    /// Whether the shim must switch identity (we are root, the user is not us).
+    pub switch: bool,
+}
+
+/// Resolve `user` and check that this agent may run a task as them.
+pub fn resolve(user: &str, allow_root: bool) -> Result<Who, String> {
+    let u = User::from_name(user)
+        .map_err(|e| format!("cannot look up user {user:?}: {e}"))?
+        .ok_or_else(|| format!("user {user:?} does not exist on this node"))?;
+    if u.uid.is_root() && !allow_root {
+        return Err(format!(
+            "refusing to run a job as {user:?} (uid 0): set allow_root_jobs = true in the \
+             agent's config to allow it"
+        ));
+    }
+    let me = Uid::effective();
+    let switch = me.is_root() && u.uid != me;
+    if !me.is_root() && u.uid != me {
+        return Err(format!(
+            "this agent runs unprivileged (uid {me}) and cannot run jobs as {user:?}"
+        ));
+    }
+    let groups = if switch {
+        let cname = std::ffi::CString::new(user).map_err(|_| "user name has a NUL byte")?;
+        nix::unistd::getgrouplist(&cname, u.gid)
+            .map_err(|e| format!("cannot list the groups of {user:?}: {e}"))?
+            .into_iter()
+            .map(Gid::as_raw)
+            .collect()
+    } else {
+        vec![]
+    };
+    Ok(Who {
+        name: u.name,
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+        groups,
+        home: u.dir,
+        shell: u.shell,
+        switch,
+    })
+}
+
+/// The login-like variables every task gets unless the job set them.
+pub fn base_env(env: &mut BTreeMap<String, String>, who: &Who) {
+    let defaults = [
+        ("USER", who.name.clone()),
+        ("LOGNAME", who.name.clone()),
+        ("HOME", who.home.to_string_lossy().into_owned()),
+        ("SHELL", who.shell.to_string_lossy().into_owned()),
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+    ];
+    for (k, v) in defaults {
+        env.entry(k.to_string()).or_insert(v);
+    }
+}
+
+/// Create a folder the task will use (its checkpoint directory) and give it
+/// to the user. Failure is logged, not fatal: the job may create it itself.
+pub fn prepare_dir(dir: &Path, who: &Who) {
+    if dir.as_os_str().is_empty() {
+        return;
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::warn!("cannot create {}: {e}", dir.display());
+        return;
+    }
+    if who.switch {
+        let owner = (Some(Uid::from_raw(who.uid)), Some(Gid::from_raw(who.gid)));
+        if let Err(e) = nix::unistd::chown(dir, owner.0, owner.1) {
+            tracing::warn!("cannot give {} to {}: {e}", dir.display(), who.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_user_is_named() {
+        let e = resolve("no-such-user-muster", true).unwrap_err();
+        assert!(e.contains("no-such-user-muster"), "{e}");
+    }
+
+    #[test]
+    fn root_refused_unless_allowed() {
+        let e = resolve("root", false).unwrap_err();
+        assert!(e.contains("allow_root_jobs"), "{e}");
+        if Uid::effective().is_root() {
+            let who = resolve("root", true).unwrap();
+            assert!(!who.switch);
+        }
+    }
+
+    #[test]
+    fn root_agent_switches_to_other_users() {
+        if !Uid::effective().is_root() {
+            println!("skipped: needs root to switch users");
+            return;
+        }
+        let who = resolve("nobody", false).unwrap();
+        assert!(who.switch);
+        assert_ne!(who.uid, 0);
+    }
+
+    #[test]
+    fn base_env_keeps_job_values() {
+        let who = Who {
+            name: "u".into(),
+            uid: 1,
+            gid: 1,
+            groups: vec![],
+            home: "/h".into(),
+            shell: "/bin/sh".into(),
+            switch: false,
+        };
+        let mut env = BTreeMap::from([("PATH".to_string(), "/opt/bin".to_string())]);
+        base_env(&mut env, &who);
+        assert_eq!(env["PATH"], "/opt/bin");
+        assert_eq!(env["HOME"], "/h");
+    }
+}

@@ -1,0 +1,180 @@
+//! The per-task supervisor ("shim").
+//!
+//! The agent never runs a task as its own child. It starts a small shim
+//! process (the agent's own executable with a hidden `__shim` argument) in a
+//! new session; the shim starts the task and waits for it, and writes the
+//! task's pid and then its exit status into the task's folder. Because the
+//! shim — not the agent — is the task's parent, and stdout/stderr go straight
+//! to files, an agent restart (an upgrade, a crash, `kill -9`) leaves tasks
+//! running and their exit status recorded; the restarted agent re-adopts them
+//! from those files.
+//!
+//! Between `fork` and `exec` the task's child process joins its cgroup (by
+//! writing to file descriptors opened beforehand), starts its own session (so
+//! the whole process group can be signalled), drops to the submitting user
+//! (`setgroups`, `setgid`, `setuid`, in that order) and changes to its working
+//! directory as that user. Only async-signal-safe calls happen there.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+
+/// Everything the shim needs, written by the agent as `shim.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimSpec {
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    /// `None`: run with the shim's own identity (an unprivileged agent).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub groups: Vec<u32>,
+    /// Files the task's pid is written into to join its cgroup.
+    pub cgroup_procs: Vec<PathBuf>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    /// Where the shim records the task's pid once it started.
+    pub pid_file: PathBuf,
+    /// Where the shim records how the task ended.
+    pub exit_file: PathBuf,
+}
+
+/// How a task ended, as the shim saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Set when the task could not be started at all.
+    pub message: String,
+}
+
+/// Write `data` to `path` atomically (temporary file, then rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The shim's `main`: run the task described in `spec_path`, record its pid
+/// and exit status, and return the process exit code for the shim itself.
+pub fn run(spec_path: &Path) -> i32 {
+    // Leave the agent's session so a signal to the agent (Ctrl-C in a
+    // terminal, systemd stopping the agent) does not reach the task.
+    let _ = nix::unistd::setsid();
+    let spec: ShimSpec = match std::fs::read(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("muster shim: cannot read {}: {e}", spec_path.display());
+            return 2;
+        }
+    };
+    let record = match spawn_and_wait(&spec) {
+        Ok(r) => r,
+        Err(e) => ExitRecord {
+            message: e,
+            ..ExitRecord::default()
+        },
+    };
+    let data = serde_json::to_vec(&record).unwrap_or_default();
+    if let Err(e) = write_atomic(&spec.exit_file, &data) {
+        eprintln!("muster shim: cannot write {}: {e}", spec.exit_file.display());
+        return 3;
+    }
+    0
+}
+
+fn open_append(p: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(|e| format!("cannot open log file {}: {e}", p.display()))
+}
+
+fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
+    let program = spec.command.first().ok_or("empty command")?;
+    let procs: Vec<OwnedFd> = spec
+        .cgroup_procs
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map(OwnedFd::from)
+                .map_err(|e| format!("cannot open {}: {e}", p.display()))
+        })
+        .collect::<Result<_, _>>()?;
+    let workdir = CString::new(spec.workdir.as_os_str().as_encoded_bytes())
+        .map_err(|_| "workdir contains a NUL byte".to_string())?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&spec.command[1..])
+        .env_clear()
+        .envs(&spec.env)
+        .stdin(std::process::Stdio::null())
+        .stdout(open_append(&spec.stdout)?)
+        .stderr(open_append(&spec.stderr)?);
+    let identity = Identity {
+        uid: spec.uid,
+        gid: spec.gid,
+        groups: spec.groups.clone(),
+    };
+    let raw_procs: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    setup_child(&mut cmd, raw_procs, identity, workdir);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+    drop(procs);
+    let pid = child.id();
+    write_atomic(&spec.pid_file, pid.to_string().as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", spec.pid_file.display()))?;
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for task {pid}: {e}"))?;
+    Ok(ExitRecord {
+        code: status.code(),
+        signal: status.signal(),
+        message: String::new(),
+    })
+}
+
+struct Identity {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    groups: Vec<u32>,
+}
+
+/// Install the between-fork-and-exec steps. See the module docs.
+#[allow(unsafe_code)]
+fn setup_child(cmd: &mut std::process::Command, procs: Vec<i32>, id: Identity, workdir: CString) {
+    use nix::unistd::{Gid, Uid};
+    let groups: Vec<Gid> = id.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    // SAFETY: the closure runs in the forked child of a single-threaded shim
+    // and makes only async-signal-safe system calls (write, setsid,
+    // setgroups, setgid, setuid, chdir) on data prepared before the fork; it
+    // allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &procs {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
+                nix::unistd::write(fd, b"0\n").map_err(std::io::Error::from)?;
+            }
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if let (Some(uid), Some(gid)) = (id.uid, id.gid) {
+                nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
+                nix::unistd::setgid(Gid::from_raw(gid)).map_err(std::io::Error::from)?;
+                nix::unistd::setuid(Uid::from_raw(uid)).map_err(std::io::Error::from)?;
+            }
+            nix::unistd::chdir(workdir.as_c_str()).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,58 @@
+//! `muster`: the command line for a Muster cluster.
+//!
+//! Submit, watch and cancel jobs, read their logs, look at nodes and tenants,
+//! and run a one-machine cluster with `muster dev`. Human-readable tables by
+//! default; `--json` everywhere for scripts (shapes in [`json`]).
+//!
+//! Errors print as one line, `muster: error: ...`, and exit with status 1;
+//! usage errors are clap's, with status 2.
+#![forbid(unsafe_code)]
+
+mod args;
+mod client;
+mod commands;
+mod config;
+mod dev;
+mod json;
+mod output;
+mod spec;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // `muster dev` runs agents in this process, and this executable is their
+    // per-task supervisor (see muster_agent::task::shim).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.len() == 3 && argv[1] == "__shim" {
+        let code = muster_agent::task::shim::run(std::path::Path::new(&argv[2]));
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    let cli = args::Cli::parse();
+    // One short RPC needs no thread pool; `muster dev` runs a whole cluster.
+    let runtime = if matches!(cli.command, args::Command::Dev(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("muster: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let text = format!("{err:#}").replace('\n', " ");
+            eprintln!("muster: error: {text}");
+            ExitCode::FAILURE
+        }
+    }
+}
