@@ -92,7 +92,11 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let inventory = gpu::open(&cfg.gpu)?;
     let gpus = gpus_to_pb(inventory.gpus()?);
-    tracing::info!(backend = inventory.backend(), count = gpus.len(), "GPUs found");
+    tracing::info!(
+        backend = inventory.backend(),
+        count = gpus.len(),
+        "GPUs found"
+    );
     let cgroups = open_cgroups(&cfg)?;
     let data_dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir {
@@ -110,16 +114,17 @@ pub async fn run(
         allow_root_jobs: cfg.allow_root_jobs,
         kill_grace: cfg.kill_grace,
     };
-    let runtime = task::Runtime::new(settings, cgroups, events_tx).map_err(|source| {
-        AgentError::DataDir {
+    let runtime =
+        task::Runtime::new(settings, cgroups, events_tx).map_err(|source| AgentError::DataDir {
             path: data_dir.clone(),
             source,
-        }
-    })?;
-    let bound = listener.local_addr().map_err(|source| AgentError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AgentError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
     let node = session::NodeInfo {
         name: cfg.node_name(),
         address: cfg.advertise.clone().unwrap_or_else(|| bound.to_string()),

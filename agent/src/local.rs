@@ -58,10 +58,7 @@ impl Source {
 impl AgentLocal for LocalService {
     type ReadLogsStream = LogStream;
 
-    async fn read_logs(
-        &self,
-        req: Request<pb::LogRequest>,
-    ) -> Result<Response<LogStream>, Status> {
+    async fn read_logs(&self, req: Request<pb::LogRequest>) -> Result<Response<LogStream>, Status> {
         let req = req.into_inner();
         let mut streams: Vec<pb::LogStream> = req
             .streams
@@ -75,7 +72,11 @@ impl AgentLocal for LocalService {
         let mut sources: Vec<Source> = streams
             .into_iter()
             .map(|s| {
-                let name = if s == pb::LogStream::Stdout { "stdout" } else { "stderr" };
+                let name = if s == pb::LogStream::Stdout {
+                    "stdout"
+                } else {
+                    "stderr"
+                };
                 Source {
                     stream: s,
                     path: self.runtime.log_path(req.job_id, req.task_index, name),
@@ -83,7 +84,9 @@ impl AgentLocal for LocalService {
                 }
             })
             .collect();
-        if !sources.iter().any(|s| s.path.exists()) && !self.runtime.is_live(req.job_id, req.task_index) {
+        if !sources.iter().any(|s| s.path.exists())
+            && !self.runtime.is_live(req.job_id, req.task_index)
+        {
             return Err(Status::not_found(format!(
                 "no logs for job {} task {} on this node",
                 req.job_id, req.task_index
@@ -103,13 +106,21 @@ impl AgentLocal for LocalService {
                             Ok(data) if data.is_empty() => break,
                             Ok(data) => {
                                 progressed = true;
-                                let chunk = pb::LogChunk { stream: s.stream as i32, data };
+                                let chunk = pb::LogChunk {
+                                    stream: s.stream as i32,
+                                    data,
+                                };
                                 if tx.send(Ok(chunk)).await.is_err() {
                                     return;
                                 }
                             }
                             Err(e) => {
-                                let _ = tx.send(Err(Status::internal(format!("{}: {e}", s.path.display())))).await;
+                                let _ = tx
+                                    .send(Err(Status::internal(format!(
+                                        "{}: {e}",
+                                        s.path.display()
+                                    ))))
+                                    .await;
                                 return;
                             }
                         }

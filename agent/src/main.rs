@@ -10,7 +10,12 @@ use std::path::PathBuf;
 #[command(version, about, long_about = None)]
 struct Args {
     /// Configuration file (every key is documented in config/agent.toml).
-    #[arg(short, long, default_value = "/etc/muster/agent.toml", env = "MUSTER_AGENT_CONFIG")]
+    #[arg(
+        short,
+        long,
+        default_value = "/etc/muster/agent.toml",
+        env = "MUSTER_AGENT_CONFIG"
+    )]
     config: PathBuf,
     /// Check the configuration and the GPU inventory, print them, and exit.
     #[arg(long)]
@@ -21,7 +26,9 @@ fn main() -> anyhow::Result<()> {
     // The agent's own executable doubles as the per-task supervisor.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.len() == 3 && argv[1] == "__shim" {
-        std::process::exit(muster_agent::task::shim::run(std::path::Path::new(&argv[2])));
+        std::process::exit(muster_agent::task::shim::run(std::path::Path::new(
+            &argv[2],
+        )));
     }
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -33,10 +40,16 @@ fn main() -> anyhow::Result<()> {
     if args.check {
         let inv = muster_agent::gpu::open(&cfg.gpu)?;
         for g in inv.gpus()? {
-            println!("gpu {} {} {} minor={} {} bytes", g.index, g.uuid, g.model, g.minor, g.memory_bytes);
+            println!(
+                "gpu {} {} {} minor={} {} bytes",
+                g.index, g.uuid, g.model, g.minor, g.memory_bytes
+            );
         }
         let cg = muster_agent::open_cgroups(&cfg)?;
-        println!("cgroups: {}", cg.map(|c| c.version().to_string()).unwrap_or("none".into()));
+        println!(
+            "cgroups: {}",
+            cg.map(|c| c.version().to_string()).unwrap_or("none".into())
+        );
         println!("{}: ok", args.config.display());
         return Ok(());
     }

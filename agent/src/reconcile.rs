@@ -133,14 +133,54 @@ mod tests {
         use Action::*;
         use Phase::*;
         let cases: Vec<(&str, Vec<Desired>, Vec<Observed>, Vec<Action>)> = vec![
-            ("new task starts", vec![want(1, &[0])], vec![], vec![Start(key(1))]),
-            ("running desired: nothing", vec![want(1, &[0])], vec![have(1, &[0], Running, false)], vec![]),
-            ("undesired running is killed", vec![], vec![have(1, &[0], Running, false)], vec![Kill(key(1))]),
-            ("undesired starting is killed", vec![], vec![have(1, &[0], Starting, false)], vec![Kill(key(1))]),
-            ("killing: wait", vec![], vec![have(1, &[0], Killing, false)], vec![]),
-            ("exited unreported: keep", vec![], vec![have(1, &[0], Exited, false)], vec![]),
-            ("exited reported: forget", vec![], vec![have(1, &[0], Exited, true)], vec![Forget(key(1))]),
-            ("exited but desired: never restarted", vec![want(1, &[0])], vec![have(1, &[0], Exited, true)], vec![]),
+            (
+                "new task starts",
+                vec![want(1, &[0])],
+                vec![],
+                vec![Start(key(1))],
+            ),
+            (
+                "running desired: nothing",
+                vec![want(1, &[0])],
+                vec![have(1, &[0], Running, false)],
+                vec![],
+            ),
+            (
+                "undesired running is killed",
+                vec![],
+                vec![have(1, &[0], Running, false)],
+                vec![Kill(key(1))],
+            ),
+            (
+                "undesired starting is killed",
+                vec![],
+                vec![have(1, &[0], Starting, false)],
+                vec![Kill(key(1))],
+            ),
+            (
+                "killing: wait",
+                vec![],
+                vec![have(1, &[0], Killing, false)],
+                vec![],
+            ),
+            (
+                "exited unreported: keep",
+                vec![],
+                vec![have(1, &[0], Exited, false)],
+                vec![],
+            ),
+            (
+                "exited reported: forget",
+                vec![],
+                vec![have(1, &[0], Exited, true)],
+                vec![Forget(key(1))],
+            ),
+            (
+                "exited but desired: never restarted",
+                vec![want(1, &[0])],
+                vec![have(1, &[0], Exited, true)],
+                vec![],
+            ),
             (
                 "GPU still held by a dying task: wait",
                 vec![want(2, &[0])],
@@ -159,7 +199,12 @@ mod tests {
                 vec![have(1, &[0], Exited, true)],
                 vec![Start(key(2)), Forget(key(1))],
             ),
-            ("CPU-only tasks never wait", vec![want(2, &[])], vec![have(1, &[], Running, false)], vec![Start(key(2)), Kill(key(1))]),
+            (
+                "CPU-only tasks never wait",
+                vec![want(2, &[])],
+                vec![have(1, &[], Running, false)],
+                vec![Start(key(2)), Kill(key(1))],
+            ),
         ];
         for (name, d, o, expect) in cases {
             let mut expect = expect;
@@ -171,7 +216,10 @@ mod tests {
     #[test]
     fn deterministic_regardless_of_input_order() {
         let d = vec![want(3, &[2]), want(2, &[1])];
-        let o = vec![have(5, &[4], Running, false), have(4, &[3], Exited, true)];
+        let o = vec![
+            have(5, &[4], Phase::Running, false),
+            have(4, &[3], Phase::Exited, true),
+        ];
         let mut d2 = d.clone();
         d2.reverse();
         let mut o2 = o.clone();

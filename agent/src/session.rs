@@ -50,7 +50,8 @@ impl Fence {
         }
         if term > self.term {
             self.term = term;
-            if let Err(e) = crate::task::shim::write_atomic(&self.path, term.to_string().as_bytes()) {
+            if let Err(e) = crate::task::shim::write_atomic(&self.path, term.to_string().as_bytes())
+            {
                 tracing::warn!("cannot persist term fence {}: {e}", self.path.display());
             }
         }
@@ -132,7 +133,10 @@ async fn session(
         .await
         .map_err(|e| format!("session refused: {}", e.message()))?
         .into_inner();
-    let first = inbound.message().await.map_err(|e| e.message().to_string())?;
+    let first = inbound
+        .message()
+        .await
+        .map_err(|e| e.message().to_string())?;
     let Some(pb::SchedulerMessage {
         kind: Some(pb::scheduler_message::Kind::Registered(reg)),
     }) = first

@@ -159,9 +159,12 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_file() {
-        let e = SchedulerConfig::parse("listen = \"127.0.0.1:1\"\nbogus = 1\n", Path::new("/x.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = SchedulerConfig::parse(
+            "listen = \"127.0.0.1:1\"\nbogus = 1\n",
+            Path::new("/x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("/x.toml") && e.contains("bogus"), "{e}");
     }
 

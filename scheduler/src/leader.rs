@@ -56,7 +56,11 @@ async fn plan_once(ctx: &Ctx, term: u64) {
     };
     match ctx.raft.propose(cmd).await {
         Ok(ApplyResult::Planned { placed, rejected }) => {
-            tracing::debug!(placed = placed.len(), rejected = rejected.len(), "plan applied");
+            tracing::debug!(
+                placed = placed.len(),
+                rejected = rejected.len(),
+                "plan applied"
+            );
             for (job, why) in rejected {
                 tracing::info!(%job, "placement rejected at apply: {why}");
             }

@@ -10,7 +10,12 @@ use std::path::PathBuf;
 #[command(version, about, long_about = None)]
 struct Args {
     /// Configuration file (every key is documented in config/scheduler.toml).
-    #[arg(short, long, default_value = "/etc/muster/scheduler.toml", env = "MUSTER_SCHEDULER_CONFIG")]
+    #[arg(
+        short,
+        long,
+        default_value = "/etc/muster/scheduler.toml",
+        env = "MUSTER_SCHEDULER_CONFIG"
+    )]
     config: PathBuf,
     /// Override `listen` from the config file.
     #[arg(long)]

@@ -53,7 +53,10 @@ pub async fn run(
     let (handle, raft_task) = raft::start(settings, &cfg.data_dir, stop_rx.clone())?;
     let ctx = Ctx::new(handle, cfg);
     let planner = tokio::spawn(crate::leader::plan_loop(ctx.clone(), stop_rx.clone()));
-    let keeper = tokio::spawn(crate::leader::housekeeping_loop(ctx.clone(), stop_rx.clone()));
+    let keeper = tokio::spawn(crate::leader::housekeeping_loop(
+        ctx.clone(),
+        stop_rx.clone(),
+    ));
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "scheduler serving");
     ready();

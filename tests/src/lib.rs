@@ -203,7 +203,13 @@ impl Cluster {
         self.path(&format!("nvml-faults-{i}.json"))
     }
 
-    fn spawn_logged(&self, bin: &str, config: &Path, log: &str, envs: &[(String, PathBuf)]) -> Result<Child> {
+    fn spawn_logged(
+        &self,
+        bin: &str,
+        config: &Path,
+        log: &str,
+        envs: &[(String, PathBuf)],
+    ) -> Result<Child> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -252,7 +258,10 @@ impl Cluster {
                 muster_nvml_mock::CONFIG_ENV.to_string(),
                 self.path(&format!("nvml-{i}.json")),
             ),
-            (muster_nvml_mock::FAULTS_ENV.to_string(), self.faults_file(i)),
+            (
+                muster_nvml_mock::FAULTS_ENV.to_string(),
+                self.faults_file(i),
+            ),
         ];
         let child = self.spawn_logged(
             "muster-agent",
@@ -300,7 +309,8 @@ impl Cluster {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let text = self.ok(&a)?;
-        serde_json::from_str(&text).with_context(|| format!("bad JSON from muster {args:?}: {text}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("bad JSON from muster {args:?}: {text}"))
     }
 
     /// Submit a job; returns its id.

@@ -24,7 +24,9 @@ fn env_of(c: &Cluster, job: u64, task: u32) -> std::collections::BTreeMap<String
 fn gang_runs_on_disjoint_gpus_with_rank_env() {
     let c = Cluster::start(ClusterSpec::default()).expect("cluster");
     let id = c
-        .submit(&["--tasks", "2", "--gpus", "4", "--cpus", "1", "--mem", "256M", "--", "env"])
+        .submit(&[
+            "--tasks", "2", "--gpus", "4", "--cpus", "1", "--mem", "256M", "--", "env",
+        ])
         .expect("submit");
     let job = c.wait_state(id, "completed", T).expect("completed");
     let tasks = job["tasks"].as_array().expect("tasks");
@@ -34,7 +36,10 @@ fn gang_runs_on_disjoint_gpus_with_rank_env() {
         assert_eq!(t["exit_code"], 0, "{job}");
         let node = t["node"].as_str().expect("node").to_string();
         for g in t["gpus"].as_array().expect("gpus") {
-            assert!(seen.insert((node.clone(), g.as_u64())), "GPU booked twice: {job}");
+            assert!(
+                seen.insert((node.clone(), g.as_u64())),
+                "GPU booked twice: {job}"
+            );
         }
     }
     assert_eq!(seen.len(), 8);
@@ -79,7 +84,10 @@ fn bad_jobs_are_rejected_without_state_change() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         let first = err.lines().next().unwrap_or("");
-        assert!(first.contains(needle), "{args:?}: the first line should say why: {err}");
+        assert!(
+            first.contains(needle),
+            "{args:?}: the first line should say why: {err}"
+        );
     }
     let out = c.muster(&["show", "999"]).expect("run");
     assert!(!out.status.success());
@@ -174,7 +182,11 @@ fn task_pid_files(c: &Cluster) -> BTreeSet<String> {
         if let Ok(entries) = std::fs::read_dir(c.path(&format!("agent-{i}-data/tasks"))) {
             for e in entries.flatten() {
                 if let Ok(pid) = std::fs::read_to_string(e.path().join("pid")) {
-                    out.insert(format!("{}:{}", e.file_name().to_string_lossy(), pid.trim()));
+                    out.insert(format!(
+                        "{}:{}",
+                        e.file_name().to_string_lossy(),
+                        pid.trim()
+                    ));
                 }
             }
         }
@@ -222,7 +234,10 @@ fn task_cannot_open_a_gpu_it_was_not_given() {
             .find(|l| l.contains(&format!("nvidia{m}")))
             .unwrap_or_else(|| panic!("no line for nvidia{m}: {out}"));
         if m == gpu {
-            assert!(line.contains("No such device or address"), "own GPU: {line}");
+            assert!(
+                line.contains("No such device or address"),
+                "own GPU: {line}"
+            );
         } else {
             assert!(line.contains("Operation not permitted"), "GPU {m}: {line}");
         }
@@ -252,7 +267,10 @@ fn task_past_its_memory_limit_is_oom_killed() {
         .expect("submit");
     let job = c.wait_state(id, "failed", T).expect("failed");
     assert_eq!(job["tasks"][0]["oom_killed"], true, "{job}");
-    assert!(job["reason"].as_str().unwrap_or("").contains("OOM"), "{job}");
+    assert!(
+        job["reason"].as_str().unwrap_or("").contains("OOM"),
+        "{job}"
+    );
     let show = c.ok(&["show", &id.to_string()]).expect("show");
     assert!(show.contains("OOM") || show.contains("yes"), "{show}");
 }
@@ -273,10 +291,20 @@ fn failed_task_fails_its_gang_and_kills_the_others() {
         ])
         .expect("submit");
     let job = c.wait_state(id, "failed", T).expect("failed");
-    assert!(job["reason"].as_str().unwrap_or("").contains("task 1 exit code 3"), "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("task 1 exit code 3"),
+        "{job}"
+    );
     wait_for("the surviving task to be killed", T, || {
         let j = c.show(id).ok()?;
-        let states: Vec<&str> = j["tasks"].as_array()?.iter().filter_map(|t| t["state"].as_str()).collect();
+        let states: Vec<&str> = j["tasks"]
+            .as_array()?
+            .iter()
+            .filter_map(|t| t["state"].as_str())
+            .collect();
         states.iter().all(|s| *s == "exited").then_some(())
     })
     .expect("killed");

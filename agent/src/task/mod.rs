@@ -283,7 +283,8 @@ impl Runtime {
     fn launch(&self, key: TaskKey, a: &pb::TaskAssignment) -> Result<TaskMeta, String> {
         let who = identity::resolve(&a.user, self.settings.allow_root_jobs)?;
         let dir = self.task_dir(key);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let stdout = self.log_path(key.job, key.task, "stdout");
         let stderr = self.log_path(key.job, key.task, "stderr");
         if let Some(parent) = stdout.parent() {
@@ -378,7 +379,12 @@ impl Runtime {
                 Some(t) => t.phase,
                 None => return,
             };
-            tokio::time::sleep(if phase == Phase::Starting { START_POLL } else { RUN_POLL }).await;
+            tokio::time::sleep(if phase == Phase::Starting {
+                START_POLL
+            } else {
+                RUN_POLL
+            })
+            .await;
             if phase == Phase::Starting || phase == Phase::Killing {
                 if let Some(pid) = read_pid(&dir.join("pid")) {
                     self.mark_started(key, pid);
@@ -426,7 +432,11 @@ impl Runtime {
     }
 
     fn finish(self: &Arc<Self>, key: TaskKey, rec: ExitRecord) {
-        let cgroup = self.lock().tasks.get(&key).and_then(|t| t.meta.cgroup.clone());
+        let cgroup = self
+            .lock()
+            .tasks
+            .get(&key)
+            .and_then(|t| t.meta.cgroup.clone());
         let mut oom = false;
         if let (Some(cg), Some(name)) = (&self.cgroups, &cgroup) {
             oom = cg.oom_killed(name).unwrap_or(false);
@@ -515,7 +525,11 @@ impl Runtime {
             };
             let key = meta.key;
             let pid = read_pid(&dir.join("pid"));
-            let phase = if pid.is_some() { Phase::Running } else { Phase::Starting };
+            let phase = if pid.is_some() {
+                Phase::Running
+            } else {
+                Phase::Starting
+            };
             self.lock().tasks.insert(
                 key,
                 Local {

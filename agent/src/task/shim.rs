@@ -86,7 +86,10 @@ pub fn run(spec_path: &Path) -> i32 {
     };
     let data = serde_json::to_vec(&record).unwrap_or_default();
     if let Err(e) = write_atomic(&spec.exit_file, &data) {
-        eprintln!("muster shim: cannot write {}: {e}", spec.exit_file.display());
+        eprintln!(
+            "muster shim: cannot write {}: {e}",
+            spec.exit_file.display()
+        );
         return 3;
     }
     0

@@ -48,7 +48,9 @@ impl AgentApi for AgentService {
             .await
             .ok_or_else(|| Status::invalid_argument("session closed before Register"))??;
         let Some(pb::agent_message::Kind::Register(reg)) = first.kind else {
-            return Err(Status::invalid_argument("the first message must be Register"));
+            return Err(Status::invalid_argument(
+                "the first message must be Register",
+            ));
         };
         let (node, running) = convert::registration_from_pb(&reg)?;
         let name = node.name.clone();
@@ -175,7 +177,10 @@ pub fn desired_for_node(
 fn host_of(node: Option<&Node>) -> String {
     let addr = node.map(|n| n.address.as_str()).unwrap_or("127.0.0.1");
     match addr.rsplit_once(':') {
-        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        Some((host, _)) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
         None => addr.to_string(),
     }
 }
@@ -195,7 +200,11 @@ fn assignment(
         .iter()
         .filter(|o| &o.placement.node == node)
         .count();
-    let local_world = alloc.tasks.iter().filter(|o| &o.placement.node == node).count();
+    let local_world = alloc
+        .tasks
+        .iter()
+        .filter(|o| &o.placement.node == node)
+        .count();
     let mut nodes_in_order: Vec<&str> = Vec::new();
     for o in &alloc.tasks {
         if !nodes_in_order.contains(&o.placement.node.as_str()) {

@@ -72,7 +72,9 @@ impl Muster for ClientApi {
         };
         match self.ctx.propose(cmd).await? {
             ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0 })),
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -100,7 +102,10 @@ impl Muster for ClientApi {
         }))
     }
 
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
         self.job_info(JobId(req.into_inner().id)).map(Response::new)
     }
 

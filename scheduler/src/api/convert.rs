@@ -192,7 +192,9 @@ fn gpu_to_pb(g: &GpuRecord) -> pb::GpuInfo {
 /// An agent's registration as a command payload.
 pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<TaskKey>), Status> {
     if r.node.is_empty() || r.node.len() > 253 {
-        return Err(Status::invalid_argument("register: node name must be 1-253 characters"));
+        return Err(Status::invalid_argument(
+            "register: node name must be 1-253 characters",
+        ));
     }
     let gpus = r
         .gpus

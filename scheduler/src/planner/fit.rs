@@ -42,7 +42,11 @@ pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
             ));
         }
     }
-    if !state.nodes.is_empty() && !state.nodes.values().any(|n| node_can_ever_fit(n, &spec.per_task))
+    if !state.nodes.is_empty()
+        && !state
+            .nodes
+            .values()
+            .any(|n| node_can_ever_fit(n, &spec.per_task))
     {
         return Err(never_fits_reason(state, &spec.per_task));
     }
@@ -50,9 +54,24 @@ pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
 }
 
 fn never_fits_reason(state: &State, r: &Resources) -> String {
-    let max_gpus = state.nodes.values().map(|n| n.gpus.len()).max().unwrap_or(0);
-    let max_cpu = state.nodes.values().map(|n| n.cpu_millis).max().unwrap_or(0);
-    let max_mem = state.nodes.values().map(|n| n.memory_bytes).max().unwrap_or(0);
+    let max_gpus = state
+        .nodes
+        .values()
+        .map(|n| n.gpus.len())
+        .max()
+        .unwrap_or(0);
+    let max_cpu = state
+        .nodes
+        .values()
+        .map(|n| n.cpu_millis)
+        .max()
+        .unwrap_or(0);
+    let max_mem = state
+        .nodes
+        .values()
+        .map(|n| n.memory_bytes)
+        .max()
+        .unwrap_or(0);
     if r.gpus as usize > max_gpus {
         format!(
             "a task asks for {} GPUs but the largest node has {max_gpus}",
@@ -127,7 +146,11 @@ pub fn check_placement(state: &State, p: &Placement) -> Result<(), String> {
         return Err(format!("job {} not found", p.job));
     };
     if job.state != crate::model::JobState::Pending {
-        return Err(format!("job {} is {}, not pending", p.job, job.state.as_str()));
+        return Err(format!(
+            "job {} is {}, not pending",
+            p.job,
+            job.state.as_str()
+        ));
     }
     if p.tasks.len() != job.spec.tasks as usize {
         return Err(format!(
@@ -156,7 +179,9 @@ fn check_task<'a>(
     let Some(node) = state.nodes.get(&t.node) else {
         return Err(format!("node {} not found", t.node));
     };
-    if t.gpus.len() != r.gpus as usize || t.cpu_millis != r.cpu_millis || t.memory_bytes != r.memory_bytes
+    if t.gpus.len() != r.gpus as usize
+        || t.cpu_millis != r.cpu_millis
+        || t.memory_bytes != r.memory_bytes
     {
         return Err("placement does not match the job's request".into());
     }

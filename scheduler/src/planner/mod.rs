@@ -118,7 +118,9 @@ fn tenant_room(state: &State, spec: &crate::model::JobSpec, planned: u32) -> Res
     let Some(limit) = state.tenants.get(&spec.tenant).and_then(|t| t.gpu_limit) else {
         return fit::check_tenant_room(state, spec);
     };
-    let used = state.tenant_gpus_in_use(&spec.tenant).saturating_add(planned);
+    let used = state
+        .tenant_gpus_in_use(&spec.tenant)
+        .saturating_add(planned);
     let need = spec.tasks.saturating_mul(spec.per_task.gpus);
     if used.saturating_add(need) > limit {
         return Err(format!(

@@ -357,7 +357,11 @@ impl Driver {
             .save_snapshot(self.applied, self.applied_term, &conf, &data)?;
         self.storage.flush()?;
         self.last_snapshot = self.applied;
-        tracing::info!(index = self.applied, bytes = data.len(), "state snapshot saved, log compacted");
+        tracing::info!(
+            index = self.applied,
+            bytes = data.len(),
+            "state snapshot saved, log compacted"
+        );
         Ok(())
     }
 

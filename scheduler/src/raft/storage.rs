@@ -250,8 +250,14 @@ fn key_index(k: &[u8]) -> u64 {
 
 impl raft::Storage for SledStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        let hs: HardState = self.read(HARD_STATE).map_err(store_err)?.unwrap_or_default();
-        let cs: ConfState = self.read(CONF_STATE).map_err(store_err)?.unwrap_or_default();
+        let hs: HardState = self
+            .read(HARD_STATE)
+            .map_err(store_err)?
+            .unwrap_or_default();
+        let cs: ConfState = self
+            .read(CONF_STATE)
+            .map_err(store_err)?
+            .unwrap_or_default();
         Ok(RaftState::new(hs, cs))
     }
 
@@ -361,7 +367,9 @@ mod tests {
         let st = s.initial_state().unwrap();
         assert_eq!(st.hard_state.commit, 2);
         assert_eq!(st.conf_state.voters, vec![1]);
-        let es = s.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap();
+        let es = s
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(es.len(), 2);
     }
 

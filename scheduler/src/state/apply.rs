@@ -248,7 +248,9 @@ impl State {
         let Some(limit) = job.spec.time_limit_secs else {
             return ApplyResult::Rejected(format!("job {id} has no time limit"));
         };
-        let deadline = job.started_at_ms.saturating_add((limit as i64).saturating_mul(1000));
+        let deadline = job
+            .started_at_ms
+            .saturating_add((limit as i64).saturating_mul(1000));
         if job.state != JobState::Running || at_ms < deadline {
             return ApplyResult::Rejected(format!("job {id} is not past its time limit"));
         }

@@ -120,7 +120,10 @@ pub enum ApplyResult {
     /// A job was accepted with this id.
     Submitted(JobId),
     /// A plan was applied: these jobs were placed, the others rejected.
-    Planned { placed: Vec<JobId>, rejected: Vec<(JobId, String)> },
+    Planned {
+        placed: Vec<JobId>,
+        rejected: Vec<(JobId, String)>,
+    },
     /// Not allowed; the state is unchanged.
     Rejected(String),
     /// The job does not exist; the state is unchanged.
@@ -233,4 +236,4 @@ pub fn held_gpus(job: &Job) -> u32 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

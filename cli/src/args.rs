@@ -1,0 +1,260 @@
+//! The command line: global options and one struct per subcommand.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::dev::DevArgs;
+use crate::spec;
+
+/// Muster: a scheduler for bare-metal GPU clusters.
+#[derive(Debug, Parser)]
+#[command(name = "muster", version, propagate_version = true)]
+#[command(
+    after_help = "The scheduler address is taken from --addr, then MUSTER_ADDR, then the \
+config file, then http://127.0.0.1:7470 (where 'muster dev' listens)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Scheduler address, http://HOST:PORT or HOST:PORT [env: MUSTER_ADDR]
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        help_heading = "Global options"
+    )]
+    pub addr: Option<String>,
+
+    /// Config file with `addr = "..."` [default: $XDG_CONFIG_HOME/muster/config.toml,
+    /// then ~/.config/muster/config.toml, then /etc/muster/cli.toml]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of tables
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a job
+    Submit(SubmitArgs),
+    /// List pending and running jobs
+    Queue(QueueArgs),
+    /// Show one job and its tasks
+    Show(JobArg),
+    /// Cancel a job
+    Cancel(JobArg),
+    /// Print a task's output
+    Logs(LogsArgs),
+    /// List nodes and their GPUs
+    Nodes(NodesArgs),
+    /// Show the scheduler's state (leader, Raft progress, counts)
+    Status,
+    /// Manage tenants
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Run a one-machine cluster (scheduler and agent) for trying Muster out
+    Dev(DevArgs),
+}
+
+const SUBMIT_EXAMPLES: &str = "\
+Examples:
+  muster submit -- python train.py --epochs 3
+  muster submit --tasks 4 --gpus 8 --cpus 16 --mem 200G --time 12h -- torchrun train.py
+  muster submit --cpus 0.5 --mem 512M --env LOG=debug -- ./check.sh
+  muster submit -f job.toml --gpus 2        # flags override the file
+
+A job file (every key optional except command):
+  name = \"train\"
+  tenant = \"ml/vision\"
+  tasks = 4
+  gpus = 8                     # per task
+  cpus = 16                    # per task; fractions allowed (0.5)
+  mem = \"200G\"                 # per task
+  time = \"12h\"                 # or \"12:00:00\"; omit for no limit
+  command = [\"torchrun\", \"train.py\"]   # or a string, run by /bin/sh -c
+  workdir = \"/data/run\"
+  [env]
+  NCCL_DEBUG = \"INFO\"
+
+Sizes: bytes, or K/M/G/T (powers of 1024, also KiB/MiB/GiB/TiB), or KB/MB/GB/TB
+(powers of 1000). Durations: 90s, 30m, 2h, 1h30m, MM:SS, HH:MM:SS, D-HH:MM:SS.
+Every task gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
+CUDA_VISIBLE_DEVICES. The job id is printed on stdout.";
+
+/// `muster submit`.
+#[derive(Debug, Args)]
+#[command(after_help = SUBMIT_EXAMPLES)]
+pub struct SubmitArgs {
+    /// Read the job from a TOML file; flags given too override it
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Number of tasks, placed all or nothing [default: 1]
+    #[arg(long, value_name = "N", value_parser = spec::parse_tasks)]
+    pub tasks: Option<u32>,
+
+    /// GPUs per task [default: 0]
+    #[arg(long, value_name = "G")]
+    pub gpus: Option<u32>,
+
+    /// CPUs per task, fractions allowed (0.5) or millis (500m) [default: 1]
+    #[arg(long, value_name = "C", value_parser = spec::parse_cpus)]
+    pub cpus: Option<u32>,
+
+    /// Memory per task, e.g. 512M, 16G, 1.5GiB [default: 1G]
+    #[arg(long, value_name = "SIZE", value_parser = spec::parse_mem)]
+    pub mem: Option<u64>,
+
+    /// Time limit, e.g. 90s, 2h, 1h30m, 01:30:00 [default: none]
+    #[arg(long, value_name = "DURATION", value_parser = spec::parse_time_limit)]
+    pub time: Option<u64>,
+
+    /// Tenant to charge [default: default]
+    #[arg(long, value_name = "T", value_parser = spec::parse_nonempty)]
+    pub tenant: Option<String>,
+
+    /// Job name [default: the command's file name]
+    #[arg(long, value_name = "NAME", value_parser = spec::parse_nonempty)]
+    pub name: Option<String>,
+
+    /// Set an environment variable in every task (repeatable)
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = spec::parse_env_pair)]
+    pub env: Vec<(String, String)>,
+
+    /// Working directory of the tasks; relative paths are taken from the
+    /// current directory [default: the current directory]
+    #[arg(long, value_name = "DIR", value_parser = clap::value_parser!(PathBuf))]
+    pub workdir: Option<PathBuf>,
+
+    /// The command to run, after `--`
+    #[arg(value_name = "COMMAND", trailing_var_arg = true)]
+    pub command: Vec<String>,
+}
+
+/// `muster queue`.
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    /// Include finished jobs (completed, failed, cancelled, timed out)
+    #[arg(long, short = 'a')]
+    pub all: bool,
+}
+
+/// A command that takes one job id.
+#[derive(Debug, Args)]
+pub struct JobArg {
+    /// Job id
+    #[arg(value_name = "JOB")]
+    pub job: u64,
+}
+
+/// `muster logs`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  muster logs 42\n  muster logs 42 --task 3 --stderr --follow")]
+pub struct LogsArgs {
+    /// Job id
+    #[arg(value_name = "JOB")]
+    pub job: u64,
+
+    /// Which task (its index, from 0)
+    #[arg(long, short = 't', value_name = "N", default_value_t = 0)]
+    pub task: u32,
+
+    /// Only standard output
+    #[arg(long, conflicts_with = "stderr")]
+    pub stdout: bool,
+
+    /// Only standard error
+    #[arg(long)]
+    pub stderr: bool,
+
+    /// Keep printing output as the task writes it, until it ends
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+/// `muster nodes`.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// Also list every GPU (index, UUID, model, memory, health, job)
+    #[arg(long = "gpus", short = 'v', visible_alias = "verbose")]
+    pub gpus: bool,
+}
+
+/// `muster tenant ...`.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant
+    Create(TenantCreateArgs),
+    /// List tenants, their GPU limits and use
+    List,
+}
+
+/// `muster tenant create`.
+#[derive(Debug, Args)]
+pub struct TenantCreateArgs {
+    /// Tenant name; `org/team` makes a child of `org`
+    #[arg(value_name = "NAME", value_parser = spec::parse_nonempty)]
+    pub name: String,
+
+    /// Most GPUs the tenant may hold at once; 0 means unlimited [default: 0]
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub gpu_limit: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_takes_the_command_after_the_flags() {
+        let cli = Cli::try_parse_from([
+            "muster", "submit", "--gpus", "2", "--mem", "1.5GiB", "--", "python", "-u", "x.py",
+        ])
+        .expect("valid");
+        let Command::Submit(s) = cli.command else {
+            panic!("not submit");
+        };
+        assert_eq!(s.gpus, Some(2));
+        assert_eq!(s.mem, Some(3 << 29));
+        assert_eq!(s.command, ["python", "-u", "x.py"]);
+    }
+
+    #[test]
+    fn bad_flag_values_name_the_flag() {
+        let err = Cli::try_parse_from(["muster", "submit", "--mem", "lots", "--", "x"])
+            .expect_err("invalid");
+        assert!(err.to_string().contains("--mem"), "{err}");
+        let err = Cli::try_parse_from(["muster", "submit", "--env", "1=2", "--", "x"])
+            .expect_err("invalid");
+        assert!(err.to_string().contains("--env"), "{err}");
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli =
+            Cli::try_parse_from(["muster", "queue", "--json", "--addr", "h:1"]).expect("valid");
+        assert!(cli.global.json);
+        assert_eq!(cli.global.addr.as_deref(), Some("h:1"));
+    }
+}

@@ -1,0 +1,355 @@
+//! Talking to the scheduler and to agents.
+//!
+//! [`connect`] is the one way to get a `MusterClient`: it connects eagerly with
+//! a short timeout, so a scheduler that is not there is an error within
+//! seconds rather than a hang, and it turns transport failures into one line
+//! that names the address. [`Scheduler`] wraps the client so every RPC's
+//! failure becomes a [`ClientError`] that says what failed (`job 42 not
+//! found`) instead of a raw gRPC status.
+
+use std::time::Duration;
+
+use muster_proto::agent_local_client::AgentLocalClient;
+use muster_proto::muster_client::MusterClient;
+use muster_proto::{
+    CancelRequest, CreateTenantRequest, GetJobRequest, JobInfo, ListJobsRequest, ListNodesRequest,
+    ListTenantsRequest, NodeInfo, StatusRequest, StatusResponse, SubmitRequest, TenantInfo,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How long to wait for a TCP (and HTTP/2) connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one scheduler RPC may take (a submit waits for a Raft commit).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failure talking to the cluster, worded for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid address {addr:?}: {reason}")]
+    BadAddress { addr: String, reason: String },
+    #[error("cannot reach the scheduler at {addr}: {reason} (is it running? start one with 'muster dev')")]
+    SchedulerUnreachable { addr: String, reason: String },
+    #[error("cannot reach the agent at {addr}: {reason}")]
+    AgentUnreachable { addr: String, reason: String },
+    #[error("the scheduler at {addr} did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
+    TimedOut { addr: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{what} failed: {code}: {message}")]
+    Other {
+        what: String,
+        code: String,
+        message: String,
+    },
+}
+
+/// Which kind of peer an address belongs to, for error wording.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Peer {
+    Scheduler,
+    Agent,
+}
+
+/// Connects to the scheduler at `addr` (`http://host:port` or `host:port`),
+/// failing within [`CONNECT_TIMEOUT`] if nothing answers there.
+pub async fn connect(addr: &str) -> Result<MusterClient<Channel>, ClientError> {
+    let channel = open_channel(addr, Peer::Scheduler).await?;
+    Ok(MusterClient::new(channel))
+}
+
+/// Connects to an agent's local service (used for logs). No request timeout:
+/// a followed log stream lasts as long as the task.
+pub async fn connect_agent(addr: &str) -> Result<AgentLocalClient<Channel>, ClientError> {
+    let channel = open_channel(addr, Peer::Agent).await?;
+    Ok(AgentLocalClient::new(channel))
+}
+
+async fn open_channel(addr: &str, peer: Peer) -> Result<Channel, ClientError> {
+    let url = crate::config::normalize_addr(addr).map_err(|reason| ClientError::BadAddress {
+        addr: addr.to_string(),
+        reason,
+    })?;
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| ClientError::BadAddress {
+            addr: addr.to_string(),
+            reason: innermost(&e),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT);
+    if peer == Peer::Scheduler {
+        endpoint = endpoint.timeout(REQUEST_TIMEOUT);
+    }
+    // The outer timeout also covers name resolution, which `connect_timeout` does not.
+    let attempt =
+        tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect());
+    let reason = match attempt.await {
+        Ok(Ok(channel)) => return Ok(channel),
+        Ok(Err(e)) => innermost(&e),
+        Err(_) => format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
+    };
+    Err(unreachable(peer, url, reason))
+}
+
+fn unreachable(peer: Peer, addr: String, reason: String) -> ClientError {
+    match peer {
+        Peer::Scheduler => ClientError::SchedulerUnreachable { addr, reason },
+        Peer::Agent => ClientError::AgentUnreachable { addr, reason },
+    }
+}
+
+/// The most specific description in an error's source chain, e.g.
+/// "connection refused" rather than "transport error".
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut last: &(dyn std::error::Error + 'static) = err;
+    while let Some(next) = last.source() {
+        if let Some(io) = next.downcast_ref::<std::io::Error>() {
+            return describe_io(io);
+        }
+        last = next;
+    }
+    last.to_string()
+}
+
+fn describe_io(err: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::ConnectionRefused => "connection refused".to_string(),
+        ErrorKind::TimedOut => format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
+        ErrorKind::ConnectionReset => "connection reset".to_string(),
+        _ => err.to_string(),
+    }
+}
+
+/// Turns a failed RPC into a message. `what` names the operation ("submit");
+/// `subject` names the object it was about ("job 42"), used for NotFound.
+pub fn status_error(status: &Status, addr: &str, what: &str, subject: Option<&str>) -> ClientError {
+    let message = status.message().trim().to_string();
+    match status.code() {
+        Code::NotFound => ClientError::NotFound(match subject {
+            Some(s) => format!("{s} not found"),
+            None => non_empty(message, || format!("{what}: not found")),
+        }),
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::ResourceExhausted
+        | Code::OutOfRange => ClientError::Rejected(non_empty(message, || {
+            format!("{what} rejected: {}", code_name(status.code()))
+        })),
+        Code::Unavailable => ClientError::SchedulerUnreachable {
+            addr: addr.to_string(),
+            reason: non_empty(message, || "unavailable".to_string()),
+        },
+        Code::DeadlineExceeded => ClientError::TimedOut {
+            addr: addr.to_string(),
+        },
+        Code::Cancelled if message.contains("Timeout expired") => ClientError::TimedOut {
+            addr: addr.to_string(),
+        },
+        Code::Unimplemented => ClientError::Rejected(format!(
+            "the server at {addr} does not offer '{what}' ({}); is it a Muster server of the same version?",
+            non_empty(message, || "unimplemented".to_string())
+        )),
+        code => ClientError::Other {
+            what: what.to_string(),
+            code: code_name(code),
+            message: non_empty(message, || "no details".to_string()),
+        },
+    }
+}
+
+/// Like [`status_error`], for a call to an agent: unavailability names the agent.
+pub fn agent_status_error(
+    status: &Status,
+    addr: &str,
+    what: &str,
+    subject: Option<&str>,
+) -> ClientError {
+    match status_error(status, addr, what, subject) {
+        ClientError::SchedulerUnreachable { addr, reason } => {
+            ClientError::AgentUnreachable { addr, reason }
+        }
+        other => other,
+    }
+}
+
+fn non_empty(message: String, fallback: impl FnOnce() -> String) -> String {
+    if message.is_empty() {
+        fallback()
+    } else {
+        message
+    }
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+}
+
+/// A connected scheduler client whose calls return readable errors.
+pub struct Scheduler {
+    addr: String,
+    inner: MusterClient<Channel>,
+}
+
+impl Scheduler {
+    /// Connects as [`connect`] does.
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Ok(Scheduler {
+            addr: addr.to_string(),
+            inner: connect(addr).await?,
+        })
+    }
+
+    /// The address this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn fail(&self, status: Status, what: &str, subject: Option<&str>) -> ClientError {
+        status_error(&status, &self.addr, what, subject)
+    }
+
+    /// Submits a job and returns its id.
+    pub async fn submit(&mut self, req: SubmitRequest) -> Result<u64, ClientError> {
+        match self.inner.submit(req).await {
+            Ok(r) => Ok(r.into_inner().id),
+            Err(s) => Err(self.fail(s, "submit", None)),
+        }
+    }
+
+    /// Cancels a job; returns the job's new state (a `JobState` value).
+    pub async fn cancel(&mut self, id: u64, user: String) -> Result<i32, ClientError> {
+        match self.inner.cancel(CancelRequest { id, user }).await {
+            Ok(r) => Ok(r.into_inner().state),
+            Err(s) => Err(self.fail(s, "cancel", Some(&format!("job {id}")))),
+        }
+    }
+
+    /// One job.
+    pub async fn get_job(&mut self, id: u64) -> Result<JobInfo, ClientError> {
+        match self.inner.get_job(GetJobRequest { id }).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s, "get job", Some(&format!("job {id}")))),
+        }
+    }
+
+    /// Active jobs, or all jobs with `all`.
+    pub async fn list_jobs(&mut self, all: bool) -> Result<Vec<JobInfo>, ClientError> {
+        match self.inner.list_jobs(ListJobsRequest { all }).await {
+            Ok(r) => Ok(r.into_inner().jobs),
+            Err(s) => Err(self.fail(s, "list jobs", None)),
+        }
+    }
+
+    /// Every registered node.
+    pub async fn list_nodes(&mut self) -> Result<Vec<NodeInfo>, ClientError> {
+        match self.inner.list_nodes(ListNodesRequest {}).await {
+            Ok(r) => Ok(r.into_inner().nodes),
+            Err(s) => Err(self.fail(s, "list nodes", None)),
+        }
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(
+        &mut self,
+        req: CreateTenantRequest,
+    ) -> Result<TenantInfo, ClientError> {
+        let subject = format!("tenant {}", req.name);
+        match self.inner.create_tenant(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s, "create tenant", Some(&subject))),
+        }
+    }
+
+    /// Every tenant.
+    pub async fn list_tenants(&mut self) -> Result<Vec<TenantInfo>, ClientError> {
+        match self.inner.list_tenants(ListTenantsRequest {}).await {
+            Ok(r) => Ok(r.into_inner().tenants),
+            Err(s) => Err(self.fail(s, "list tenants", None)),
+        }
+    }
+
+    /// The scheduler's view of the cluster.
+    pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
+        match self.inner.status(StatusRequest {}).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s, "status", None)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_found_names_the_subject() {
+        let s = Status::not_found("no such job");
+        let e = status_error(&s, "http://h:1", "get job", Some("job 42"));
+        assert_eq!(e.to_string(), "job 42 not found");
+    }
+
+    #[test]
+    fn invalid_argument_is_the_server_message() {
+        let s = Status::invalid_argument("tenant \"x\" does not exist");
+        let e = status_error(&s, "http://h:1", "submit", None);
+        assert_eq!(e.to_string(), "tenant \"x\" does not exist");
+    }
+
+    #[test]
+    fn unavailable_names_the_address() {
+        let s = Status::unavailable("tcp connect error");
+        let e = status_error(&s, "http://h:1", "submit", None).to_string();
+        assert!(
+            e.starts_with("cannot reach the scheduler at http://h:1: tcp connect error"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn client_timeouts_read_as_timeouts() {
+        let s = Status::cancelled("Timeout expired");
+        let e = status_error(&s, "http://h:1", "submit", None).to_string();
+        assert!(e.contains("did not answer"), "{e}");
+    }
+
+    #[test]
+    fn a_foreign_server_is_called_out() {
+        let s =
+            Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
+        let e = status_error(&s, "http://h:1", "status", None).to_string();
+        assert!(
+            e.starts_with("the server at http://h:1 does not offer 'status'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn other_codes_name_the_operation() {
+        let s = Status::internal("boom");
+        let e = status_error(&s, "http://h:1", "list nodes", None).to_string();
+        assert_eq!(e, "list nodes failed: Internal: boom");
+    }
+
+    #[tokio::test]
+    async fn refused_connection_fails_fast_and_names_the_address() {
+        let started = std::time::Instant::now();
+        let err = connect("127.0.0.1:1").await.err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(
+            err.starts_with("cannot reach the scheduler at http://127.0.0.1:1: connection refused"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn malformed_addresses_are_refused_before_connecting() {
+        let err = connect("ftp://x").await.err().map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("unsupported scheme"));
+    }
+}

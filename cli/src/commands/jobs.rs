@@ -1,0 +1,349 @@
+//! `muster queue`, `muster show`, `muster cancel`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use muster_proto::{JobInfo, JobSpec, JobState};
+
+use super::{current_user, Ctx};
+use crate::args::QueueArgs;
+use crate::json;
+use crate::output::{
+    exit_text, format_bytes, format_command, format_cpus, format_span_ms, format_time_ms,
+    job_state_name, join_numbers, now_ms, or_dash, task_state_name, Table,
+};
+
+/// Lists jobs: running first, then pending in queue order, then finished.
+pub async fn queue(ctx: &Ctx, args: QueueArgs) -> anyhow::Result<()> {
+    let mut scheduler = ctx.scheduler().await?;
+    let mut jobs = scheduler.list_jobs(args.all).await?;
+    sort_for_queue(&mut jobs);
+    if ctx.json() {
+        let jobs = jobs.iter().map(json::Job::from).collect();
+        return json::print(&json::Jobs { jobs });
+    }
+    print!("{}", queue_table(&jobs, now_ms()).render());
+    Ok(())
+}
+
+/// Prints one job and its tasks.
+pub async fn show(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
+    let mut scheduler = ctx.scheduler().await?;
+    let job = scheduler.get_job(id).await?;
+    if ctx.json() {
+        return json::print(&json::Job::from(&job));
+    }
+    print!("{}", show_text(&job, now_ms()));
+    Ok(())
+}
+
+/// Cancels a job and prints its new state.
+pub async fn cancel(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
+    let user = current_user()?;
+    let mut scheduler = ctx.scheduler().await?;
+    let state = job_state_name(scheduler.cancel(id, user).await?);
+    if ctx.json() {
+        return json::print(&json::Cancelled { id, state });
+    }
+    println!("job {id}: {state}");
+    Ok(())
+}
+
+fn state_of(job: &JobInfo) -> JobState {
+    JobState::try_from(job.state).unwrap_or(JobState::Unspecified)
+}
+
+fn is_active(state: JobState) -> bool {
+    matches!(state, JobState::Placed | JobState::Running)
+}
+
+/// Running and placed jobs by id, then pending by queue position, then the rest.
+pub fn sort_for_queue(jobs: &mut [JobInfo]) {
+    jobs.sort_by_key(|j| {
+        let state = state_of(j);
+        let group = if is_active(state) {
+            0
+        } else if state == JobState::Pending {
+            1
+        } else {
+            2
+        };
+        let position = match j.queue_position {
+            0 => u32::MAX,
+            p => p,
+        };
+        (group, position, j.id)
+    });
+}
+
+fn spec_of(job: &JobInfo) -> JobSpec {
+    job.spec.clone().unwrap_or_default()
+}
+
+/// The distinct nodes a job's tasks run on, in order, comma-separated.
+fn nodes_of(job: &JobInfo) -> String {
+    let nodes: BTreeSet<&str> = job
+        .tasks
+        .iter()
+        .map(|t| t.node.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    or_dash(&nodes.into_iter().collect::<Vec<_>>().join(","))
+}
+
+/// How long a job has waited (pending), run (active) or ran (finished).
+fn job_time(job: &JobInfo, now: i64) -> String {
+    match state_of(job) {
+        JobState::Pending => format_span_ms(job.submitted_at_ms, 0, now),
+        state if is_active(state) => format_span_ms(job.started_at_ms, 0, now),
+        _ => format_span_ms(job.started_at_ms, job.ended_at_ms, now),
+    }
+}
+
+/// Where the job runs, or why it is pending or ended.
+fn nodes_or_reason(job: &JobInfo) -> String {
+    let state = state_of(job);
+    if state == JobState::Pending || (!is_active(state) && !job.reason.is_empty()) {
+        format!("({})", or_dash(&job.reason))
+    } else {
+        nodes_of(job)
+    }
+}
+
+/// The queue as a table.
+pub fn queue_table(jobs: &[JobInfo], now: i64) -> Table {
+    let mut table = Table::new(&[
+        "ID",
+        "NAME",
+        "USER",
+        "TENANT",
+        "STATE",
+        "TASKS",
+        "GPUS",
+        "TIME",
+        "NODES(REASON)",
+    ]);
+    for job in jobs {
+        let spec = spec_of(job);
+        let gpus = u64::from(spec.tasks) * u64::from(spec.gpus_per_task);
+        table.row(vec![
+            job.id.to_string(),
+            spec.name,
+            job.user.clone(),
+            spec.tenant,
+            job_state_name(job.state),
+            spec.tasks.to_string(),
+            gpus.to_string(),
+            job_time(job, now),
+            nodes_or_reason(job),
+        ]);
+    }
+    table
+}
+
+/// The per-task resources, e.g. `2 GPUs, 0.5 CPUs, 16GiB`.
+fn per_task(spec: &JobSpec) -> String {
+    format!(
+        "{} GPU{}, {} CPU{}, {}",
+        spec.gpus_per_task,
+        if spec.gpus_per_task == 1 { "" } else { "s" },
+        format_cpus(spec.cpu_millis_per_task),
+        if spec.cpu_millis_per_task == 1000 {
+            ""
+        } else {
+            "s"
+        },
+        format_bytes(spec.memory_bytes_per_task),
+    )
+}
+
+fn time_limit(spec: &JobSpec) -> String {
+    match spec.time_limit_secs {
+        0 => "none".to_string(),
+        s => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+    }
+}
+
+fn when(ms: i64, now: i64) -> String {
+    match format_time_ms(ms).as_str() {
+        "-" => "-".to_string(),
+        text => format!("{text} UTC ({} ago)", format_span_ms(ms, 0, now)),
+    }
+}
+
+/// The job's fields, one `Key: value` line each.
+fn job_fields(job: &JobInfo, now: i64) -> Vec<(&'static str, String)> {
+    let spec = spec_of(job);
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<BTreeSet<_>>();
+    let mut fields = vec![
+        ("Name", spec.name.clone()),
+        ("User", job.user.clone()),
+        ("Tenant", spec.tenant.clone()),
+        ("State", job_state_name(job.state)),
+    ];
+    if job.queue_position > 0 {
+        fields.push(("Queue position", job.queue_position.to_string()));
+    }
+    fields.extend([
+        ("Reason", or_dash(&job.reason)),
+        ("Restarts", job.restart_count.to_string()),
+        ("Tasks", format!("{} × ({})", spec.tasks, per_task(&spec))),
+        ("Time limit", time_limit(&spec)),
+        ("Command", format_command(&spec.command)),
+        ("Workdir", or_dash(&spec.workdir)),
+        (
+            "Env",
+            or_dash(&env.into_iter().collect::<Vec<_>>().join(" ")),
+        ),
+        ("Checkpoints", or_dash(&spec.checkpoint_dir)),
+        ("Submitted", when(job.submitted_at_ms, now)),
+        ("Started", when(job.started_at_ms, now)),
+        ("Ended", when(job.ended_at_ms, now)),
+    ]);
+    fields
+}
+
+/// The task table of `muster show`.
+fn task_table(job: &JobInfo, now: i64) -> Table {
+    let mut table = Table::new(&[
+        "TASK", "NODE", "GPUS", "STATE", "TIME", "EXIT", "OOM", "MESSAGE",
+    ]);
+    for t in &job.tasks {
+        table.row(vec![
+            t.index.to_string(),
+            or_dash(&t.node),
+            join_numbers(&t.gpus),
+            task_state_name(t.state),
+            format_span_ms(t.started_at_ms, t.ended_at_ms, now),
+            exit_text(t.exit_code, t.signal),
+            if t.oom_killed { "yes" } else { "no" }.to_string(),
+            t.message.clone(),
+        ]);
+    }
+    table
+}
+
+/// Everything `muster show` prints.
+pub fn show_text(job: &JobInfo, now: i64) -> String {
+    let fields = job_fields(job, now);
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = format!("Job {}\n", job.id);
+    for (key, value) in fields {
+        let _ = writeln!(out, "  {:width$} {value}", format!("{key}:"));
+    }
+    out.push('\n');
+    if job.tasks.is_empty() {
+        out.push_str("No tasks placed yet.\n");
+    } else {
+        out.push_str(&task_table(job, now).render());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muster_proto::TaskInfo;
+
+    fn job(id: u64, state: JobState, position: u32) -> JobInfo {
+        JobInfo {
+            id,
+            state: state as i32,
+            queue_position: position,
+            user: "alice".into(),
+            submitted_at_ms: 1_000,
+            spec: Some(JobSpec {
+                name: format!("j{id}"),
+                tenant: "default".into(),
+                tasks: 2,
+                gpus_per_task: 4,
+                cpu_millis_per_task: 500,
+                memory_bytes_per_task: 1 << 30,
+                command: vec!["python".into(), "train.py".into()],
+                ..JobSpec::default()
+            }),
+            ..JobInfo::default()
+        }
+    }
+
+    #[test]
+    fn queue_orders_running_then_pending_by_position() {
+        let mut jobs = vec![
+            job(1, JobState::Pending, 2),
+            job(2, JobState::Completed, 0),
+            job(3, JobState::Pending, 1),
+            job(4, JobState::Running, 0),
+        ];
+        sort_for_queue(&mut jobs);
+        let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
+        assert_eq!(ids, [4, 3, 1, 2]);
+    }
+
+    #[test]
+    fn queue_table_shows_reason_or_nodes() {
+        let mut pending = job(1, JobState::Pending, 1);
+        pending.reason = "waiting for 8 GPUs".into();
+        let mut running = job(2, JobState::Running, 0);
+        running.started_at_ms = 61_000;
+        running.tasks = vec![
+            TaskInfo {
+                node: "n2".into(),
+                ..TaskInfo::default()
+            },
+            TaskInfo {
+                node: "n1".into(),
+                ..TaskInfo::default()
+            },
+        ];
+        let text = queue_table(&[running, pending], 253_000).render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID  NAME  USER"), "{text}");
+        assert!(
+            lines[1].contains("running") && lines[1].ends_with("3m12s  n1,n2"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("(waiting for 8 GPUs)"), "{text}");
+        assert!(
+            lines[2].contains("  8  "),
+            "GPUs are tasks × per task: {text}"
+        );
+    }
+
+    #[test]
+    fn show_lists_fields_and_tasks() {
+        let mut j = job(42, JobState::Failed, 0);
+        j.restart_count = 1;
+        j.tasks = vec![TaskInfo {
+            index: 0,
+            node: "gpu-1".into(),
+            gpus: vec![0, 1],
+            signal: Some(9),
+            oom_killed: true,
+            message: "memory limit".into(),
+            ..TaskInfo::default()
+        }];
+        let text = show_text(&j, 10_000);
+        assert!(text.starts_with("Job 42\n"), "{text}");
+        assert!(text.contains("State:"), "{text}");
+        assert!(text.contains("failed"), "{text}");
+        assert!(text.contains("2 × (4 GPUs, 0.5 CPUs, 1GiB)"), "{text}");
+        let limit = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("Time limit:"));
+        assert!(limit.is_some_and(|l| l.ends_with(" none")), "{text}");
+        let row = text.lines().last().unwrap_or_default();
+        assert!(row.starts_with("0     gpu-1  0,1"), "{text}");
+        assert!(row.contains("SIGKILL  yes  memory limit"), "{text}");
+    }
+
+    #[test]
+    fn show_without_tasks_says_so() {
+        let text = show_text(&job(1, JobState::Pending, 3), 5_000);
+        assert!(text.contains("Queue position:"), "{text}");
+        assert!(text.ends_with("No tasks placed yet.\n"), "{text}");
+    }
+}

@@ -1,0 +1,82 @@
+//! One module per group of subcommands; [`run`] dispatches.
+//!
+//! Commands validate everything they can before connecting, then make their
+//! RPCs through [`crate::client::Scheduler`], then print either a table or a
+//! [`crate::json`] shape. They return `anyhow::Result`; `main` prints the error.
+
+mod cluster;
+mod jobs;
+mod logs;
+mod nodes;
+mod submit;
+
+use anyhow::Context as _;
+
+use crate::args::{Cli, Command, GlobalArgs, TenantCommand};
+use crate::client::Scheduler;
+use crate::config;
+
+/// What every command needs: where the scheduler is and how to print.
+pub struct Ctx {
+    global: GlobalArgs,
+}
+
+impl Ctx {
+    /// Whether to print JSON.
+    pub fn json(&self) -> bool {
+        self.global.json
+    }
+
+    /// The scheduler address after applying the precedence rules.
+    pub fn addr(&self) -> anyhow::Result<String> {
+        let env = std::env::var("MUSTER_ADDR").ok();
+        let addr = config::resolve_addr(self.global.addr.as_deref(), env.as_deref(), || {
+            let defaults = config::default_config_paths(
+                std::env::var_os("XDG_CONFIG_HOME"),
+                std::env::var_os("HOME"),
+            );
+            config::address_from_files(self.global.config.as_deref(), &defaults)
+        })?;
+        Ok(addr)
+    }
+
+    /// A connected scheduler client.
+    pub async fn scheduler(&self) -> anyhow::Result<Scheduler> {
+        let addr = self.addr()?;
+        Ok(Scheduler::connect(&addr).await?)
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = Ctx { global: cli.global };
+    match cli.command {
+        Command::Submit(args) => submit::run(&ctx, args).await,
+        Command::Queue(args) => jobs::queue(&ctx, args).await,
+        Command::Show(args) => jobs::show(&ctx, args.job).await,
+        Command::Cancel(args) => jobs::cancel(&ctx, args.job).await,
+        Command::Logs(args) => logs::run(&ctx, args).await,
+        Command::Nodes(args) => nodes::run(&ctx, args).await,
+        Command::Status => cluster::status(&ctx).await,
+        Command::Tenant(TenantCommand::Create(args)) => cluster::tenant_create(&ctx, args).await,
+        Command::Tenant(TenantCommand::List) => cluster::tenant_list(&ctx).await,
+        Command::Dev(args) => crate::dev::run(args).await,
+    }
+}
+
+/// The name of the user running the CLI, sent as the submitter identity.
+/// Falls back to `$USER` when the uid has no entry in the user database.
+pub fn current_user() -> anyhow::Result<String> {
+    let uid = nix::unistd::getuid();
+    let from_db = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    from_db
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .with_context(|| {
+            format!(
+                "cannot tell who you are: uid {uid} has no user-database entry and USER is not set"
+            )
+        })
+}
