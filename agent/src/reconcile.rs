@@ -128,11 +128,13 @@ mod tests {
         }
     }
 
+    type Case = (&'static str, Vec<Desired>, Vec<Observed>, Vec<Action>);
+
     #[test]
     fn table() {
         use Action::*;
         use Phase::*;
-        let cases: Vec<(&str, Vec<Desired>, Vec<Observed>, Vec<Action>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "new task starts",
                 vec![want(1, &[0])],

@@ -191,9 +191,11 @@ impl SledStorage {
         conf: &ConfState,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         meta.set_conf_state(conf.clone());
         self.write(SNAP_META, &meta)?;
         self.sled(self.meta.insert(SNAP_DATA, data))?;
@@ -335,11 +337,12 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("e{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     #[test]
