@@ -82,6 +82,19 @@ fn gpus_to_pb(gpus: Vec<gpu::Gpu>) -> Vec<pb::GpuInfo> {
         .collect()
 }
 
+/// Accepted connections with Nagle's algorithm off (see the scheduler's).
+fn nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    })
+}
+
 /// Run an agent whose local service listens on `listener`, until `shutdown`
 /// resolves. `ready` is called once the agent serves.
 pub async fn run(
@@ -149,7 +162,7 @@ pub async fn run(
     ));
     let result = tonic::transport::Server::builder()
         .add_service(local)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(nodelay(listener), shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = sessions.await;

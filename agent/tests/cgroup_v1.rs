@@ -304,7 +304,8 @@ fn pids_max_caps_forks() {
             ..Limits::default()
         },
     );
-    let script = "i=0; while [ $i -lt 50 ]; do sleep 1000 & i=$((i+1)); done";
+    // The sleeps must not hold the captured stderr open, or reading it would never end.
+    let script = "i=0; while [ $i -lt 50 ]; do sleep 1000 >/dev/null 2>&1 & i=$((i+1)); done";
     let out = Held::start_in(&cg, &capped.name, script, true).output();
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(

@@ -21,8 +21,16 @@ fn check_lists_simulated_gpus() {
     .unwrap();
     let out = run(&["--config", p.to_str().unwrap(), "--check"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(text.lines().filter(|l| l.starts_with("gpu ")).count(), 3, "{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("gpu ")).count(),
+        3,
+        "{text}"
+    );
     assert!(text.contains("cgroups: none"), "{text}");
 }
 
@@ -34,5 +42,8 @@ fn bad_value_is_an_error_naming_key_and_file() {
     let out = run(&["--config", p.to_str().unwrap(), "--check"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("kill_grace") && err.contains("agent.toml"), "{err}");
+    assert!(
+        err.contains("kill_grace") && err.contains("agent.toml"),
+        "{err}"
+    );
 }

@@ -1,21 +1,25 @@
-//! `muster dev`: a whole cluster in one process, for a laptop or a first try.
+//! `muster dev`: a whole cluster on one machine, for a laptop or a first try.
 //!
-//! One scheduler and N agents with simulated GPUs, all in this process, state
-//! in one folder. The agents run real tasks (through this executable acting
-//! as each task's supervisor) as the user who started `muster dev`. As root,
-//! tasks get real cgroups; otherwise there is no isolation, and the log says
-//! so. Ctrl-C stops the daemons; tasks still running keep running and are
-//! re-adopted by the next `muster dev` on the same folder.
+//! It runs the real daemons — one `muster-scheduler` and N `muster-agent`s
+//! with simulated GPUs — as child processes, with configuration files it
+//! writes into one data folder, and their logs on this terminal. The daemons
+//! are found next to this executable (`cargo build --release` builds all
+//! three). Keeping them out of this binary keeps `muster` small and quick to
+//! start, which matters for scripts that call it in a loop.
+//!
+//! Tasks run as the user who started `muster dev`. As root they get real
+//! cgroups; otherwise there is no isolation, and the agents' log says so.
+//! Ctrl-C stops the daemons; tasks still running keep running under their
+//! supervisors and are re-adopted by the next `muster dev` on the same folder.
 
-use anyhow::Context;
-use muster_agent::config::CgroupMode;
-use muster_agent::gpu::GpuBackendConfig;
-use muster_agent::AgentConfig;
-use muster_scheduler::SchedulerConfig;
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::process::{Child, Command};
 
 /// Options of `muster dev`.
 #[derive(clap::Args, Debug)]
@@ -29,18 +33,24 @@ pub struct DevArgs {
     /// Simulated GPUs per agent.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub gpus: u32,
-    /// Folder for the cluster's state and task logs [default: ~/.local/share/muster/dev].
+    /// Folder for the cluster's state, configuration and task logs [default: ~/.local/share/muster/dev].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Address the scheduler listens on.
     #[arg(long, default_value = "127.0.0.1:7470")]
     pub listen: SocketAddr,
-    /// Task isolation: auto (real cgroups when run as root), v1, v2 or none.
+    /// Task isolation: auto (real cgroups when run as root, else none), v1, v2 or none.
     #[arg(long, default_value = "auto", value_parser = ["auto", "v1", "v2", "none"])]
     pub cgroups: String,
-    /// Time between SIGTERM and SIGKILL when a task is stopped.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub kill_grace: Duration,
+    /// Time between SIGTERM and SIGKILL when a task is stopped, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub kill_grace: String,
+}
+
+fn parse_duration(s: &str) -> Result<String, String> {
+    humantime::parse_duration(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -51,134 +61,176 @@ fn default_data_dir() -> PathBuf {
     base.join("muster/dev")
 }
 
-fn cgroup_mode(requested: &str) -> CgroupMode {
+fn cgroup_mode(requested: &str) -> &'static str {
     match requested {
-        "v1" => CgroupMode::V1,
-        "v2" => CgroupMode::V2,
-        "none" => CgroupMode::None,
-        _ if nix::unistd::Uid::effective().is_root() => CgroupMode::Auto,
-        _ => CgroupMode::None,
+        "v1" => "v1",
+        "v2" => "v2",
+        "none" => "none",
+        _ if nix::unistd::Uid::effective().is_root() => "auto",
+        _ => "none",
     }
+}
+
+/// A daemon next to this executable.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the muster executable")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "muster dev needs {} next to {} (`cargo build --release` builds it)",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A TOML string literal.
+fn q(p: &Path) -> String {
+    toml::Value::String(p.to_string_lossy().into_owned()).to_string()
+}
+
+fn write_configs(args: &DevArgs, data: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let sched = data.join("scheduler.toml");
+    let text = format!(
+        "# Written by `muster dev`; see config/scheduler.toml for every key.\n\
+         listen = \"{}\"\ndata_dir = {}\ncheckpoint_root = {}\n",
+        args.listen,
+        q(&data.join("scheduler")),
+        q(&data.join("checkpoints")),
+    );
+    std::fs::write(&sched, text).with_context(|| format!("cannot write {}", sched.display()))?;
+    let mode = cgroup_mode(&args.cgroups);
+    let mut agents = Vec::new();
+    for i in 0..args.agents {
+        let name = format!("dev-{i}");
+        let dir = data.join(&name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("agent.toml");
+        // `muster dev` is the user's own cluster: it runs jobs as whoever
+        // started it, root included.
+        let text = format!(
+            "# Written by `muster dev`; see config/agent.toml for every key.\n\
+             node_name = \"{name}\"\nschedulers = [\"http://{}\"]\nlisten = \"127.0.0.1:0\"\n\
+             data_dir = {}\ncgroups = \"{mode}\"\ncgroup_parent = \"muster-dev/{name}\"\n\
+             allow_root_jobs = true\nkill_grace = \"{}\"\n\n[gpu]\nbackend = \"simulated\"\n\
+             count = {}\nseed = \"{name}\"\n",
+            args.listen,
+            q(&dir.join("state")),
+            args.kill_grace,
+            args.gpus,
+        );
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        agents.push(path);
+    }
+    Ok((sched, agents))
+}
+
+fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config").arg(config).stdin(Stdio::null());
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info,raft=warn,sled=warn");
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 /// Run the dev cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,raft=warn,sled=warn".into()),
-        )
-        .try_init();
+    let scheduler_bin = sibling("muster-scheduler")?;
+    let agent_bin = sibling("muster-agent")?;
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data)
         .with_context(|| format!("cannot create data folder {}", data.display()))?;
-    let sched_cfg = SchedulerConfig {
-        listen: args.listen,
-        data_dir: data.join("scheduler"),
-        checkpoint_root: data.join("checkpoints"),
-        ..SchedulerConfig::default()
+    if std::net::TcpListener::bind(args.listen).is_err() {
+        bail!(
+            "cannot listen on {} (--listen): the port is in use; is another muster dev running?",
+            args.listen
+        );
+    }
+    let (sched_cfg, agent_cfgs) = write_configs(&args, &data)?;
+    let mut children = vec![spawn(&scheduler_bin, &sched_cfg)?];
+    let addr = format!("http://{}", args.listen);
+    if let Err(e) = wait_ready(&addr, &mut children[0]).await {
+        stop(&mut children).await;
+        return Err(e);
+    }
+    for cfg in &agent_cfgs {
+        children.push(spawn(&agent_bin, cfg)?);
+    }
+    print_banner(&args, &data);
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        name = first_exit(&mut children) => Err(anyhow::anyhow!("{name} stopped unexpectedly; see its log above")),
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (--listen); is another muster dev running?",
-                args.listen
-            )
-        })?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    let stop = wait_stop(stop_rx.clone());
-    tasks.push(tokio::spawn(async move {
-        muster_scheduler::server::run(sched_cfg, listener, stop, || {})
-            .await
-            .map_err(anyhow::Error::from)
-    }));
-    let mode = cgroup_mode(&args.cgroups);
-    for i in 0..args.agents {
-        let cfg = agent_config(&args, &data, i, mode);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let stop = wait_stop(stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            muster_agent::run(cfg, listener, stop, || {})
-                .await
-                .map_err(anyhow::Error::from)
-        }));
-    }
-    print_banner(&args, &data, mode);
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        r = first_failure(&mut tasks) => {
-            let _ = stop_tx.send(true);
-            return r;
-        }
-    }
     eprintln!(
         "\nstopping the dev cluster (running tasks keep running and are re-adopted next time)"
     );
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        t.await.context("a dev cluster component panicked")??;
-    }
-    Ok(())
+    stop(&mut children).await;
+    outcome
 }
 
-fn agent_config(args: &DevArgs, data: &std::path::Path, i: u32, mode: CgroupMode) -> AgentConfig {
-    let name = format!("dev-{i}");
-    AgentConfig {
-        node_name: Some(name.clone()),
-        schedulers: vec![format!("http://{}", args.listen)],
-        data_dir: data.join(&name),
-        cgroups: mode,
-        cgroup_parent: format!("muster-dev/{name}"),
-        // `muster dev` is the user's own cluster: it runs jobs as whoever
-        // started it, root included.
-        allow_root_jobs: true,
-        kill_grace: args.kill_grace,
-        gpu: GpuBackendConfig::Simulated {
-            count: args.gpus,
-            model: muster_agent::gpu::DEFAULT_SIMULATED_MODEL.to_string(),
-            memory_bytes: muster_agent::gpu::DEFAULT_SIMULATED_MEMORY_BYTES,
-            first_minor: 0,
-            seed: name,
-        },
-        ..AgentConfig::default()
+async fn wait_ready(addr: &str, scheduler: &mut Child) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if let Some(status) = scheduler.try_wait()? {
+            bail!("muster-scheduler exited ({status}); see its log above");
+        }
+        if let Ok(mut c) = crate::client::connect(addr).await {
+            if c.status(muster_proto::StatusRequest {}).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("muster-scheduler did not answer on {addr} within 10s")
+}
+
+async fn first_exit(children: &mut [Child]) -> String {
+    loop {
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(_)) = c.try_wait() {
+                return if i == 0 {
+                    "muster-scheduler".to_string()
+                } else {
+                    format!("agent dev-{}", i - 1)
+                };
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-async fn wait_stop(mut rx: watch::Receiver<bool>) {
-    while !*rx.borrow() {
-        if rx.changed().await.is_err() {
-            return;
+/// SIGTERM every daemon (agents first), then wait; SIGKILL stragglers.
+async fn stop(children: &mut [Child]) {
+    for c in children.iter().rev() {
+        if let Some(pid) = c.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for c in children.iter_mut().rev() {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
         }
     }
 }
 
-/// Resolves when any component stops on its own (an error, or a bug).
-async fn first_failure(
-    tasks: &mut [tokio::task::JoinHandle<anyhow::Result<()>>],
-) -> anyhow::Result<()> {
-    let (r, _, _) = futures::future::select_all(tasks.iter_mut()).await;
-    match r {
-        Ok(Ok(())) => anyhow::bail!("a dev cluster component stopped unexpectedly"),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(anyhow::anyhow!("a dev cluster component panicked: {e}")),
-    }
-}
-
-fn print_banner(args: &DevArgs, data: &std::path::Path, mode: CgroupMode) {
-    let addr = args.listen;
-    let isolation = match mode {
-        CgroupMode::None => "none (run as root for cgroup isolation)".to_string(),
-        m => format!("cgroups ({m:?})").to_lowercase(),
+fn print_banner(args: &DevArgs, data: &Path) {
+    let isolation = match cgroup_mode(&args.cgroups) {
+        "none" => "none (run as root for cgroup isolation)".to_string(),
+        m => format!("cgroups ({m})"),
     };
     println!(
-        "Muster dev cluster: scheduler on http://{addr}, {} agents x {} simulated GPUs\n\
-         state and logs: {}\nisolation: {isolation}\n\n\
+        "Muster dev cluster: scheduler on http://{}, {} agents x {} simulated GPUs\n\
+         state, configuration and logs: {}\nisolation: {isolation}\n\n\
          Try, in another terminal:\n  \
          muster submit --gpus 1 -- sh -c 'echo rank $RANK of $WORLD_SIZE on GPU $CUDA_VISIBLE_DEVICES'\n  \
          muster queue --all\n  muster logs 1\n  muster nodes\n\nCtrl-C stops the cluster.",
+        args.listen,
         args.agents,
         args.gpus,
         data.display()

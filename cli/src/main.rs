@@ -22,13 +22,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // `muster dev` runs agents in this process, and this executable is their
-    // per-task supervisor (see muster_agent::task::shim).
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv.len() == 3 && argv[1] == "__shim" {
-        let code = muster_agent::task::shim::run(std::path::Path::new(&argv[2]));
-        return ExitCode::from(code.clamp(0, 255) as u8);
-    }
     let cli = args::Cli::parse();
     // One short RPC needs no thread pool; `muster dev` runs a whole cluster.
     let runtime = if matches!(cli.command, args::Command::Dev(_)) {

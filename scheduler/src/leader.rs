@@ -6,10 +6,9 @@
 //! round trip through the log) and at least every `PLAN_INTERVAL`.
 
 use crate::api::{now_ms, Ctx};
-use crate::model::{JobId, JobState, NodeState};
+use crate::model::{JobState, NodeState};
 use crate::planner;
 use crate::state::{ApplyResult, Command};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -40,12 +39,7 @@ async fn plan_once(ctx: &Ctx, term: u64) {
         let state = ctx.raft.state();
         planner::plan(&state)
     };
-    let verdicts: BTreeMap<JobId, String> = plan
-        .verdicts
-        .iter()
-        .map(|(id, v)| (*id, v.to_string()))
-        .collect();
-    *ctx.verdicts.write().unwrap_or_else(|p| p.into_inner()) = verdicts;
+    *ctx.verdicts.write().unwrap_or_else(|p| p.into_inner()) = plan.verdicts;
     if plan.placements.is_empty() {
         return;
     }

@@ -29,6 +29,20 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Accepted connections with Nagle's algorithm off: small gRPC frames (an
+/// assignment, a reply) must not wait for the peer's delayed ACK (~40 ms).
+pub fn nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    })
+}
+
 /// Run a scheduler on `listener` until `shutdown` resolves. `ready` is called
 /// once the state is loaded and the listener is serving.
 pub async fn run(
@@ -70,7 +84,7 @@ pub async fn run(
             AgentApiServer::new(AgentService::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(nodelay(listener), async move {
             tokio::select! {
                 _ = shutdown => {}
                 _ = grpc_stop.changed() => {}

@@ -14,7 +14,11 @@ fn run(args: &[&str]) -> std::process::Output {
 fn example_config_checks_ok() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/scheduler.toml");
     let out = run(&["--config", cfg, "--check"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -25,7 +29,10 @@ fn unknown_key_is_an_error_naming_key_and_file() {
     let out = run(&["--config", p.to_str().unwrap(), "--check"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("election_tiks") && err.contains("s.toml"), "{err}");
+    assert!(
+        err.contains("election_tiks") && err.contains("s.toml"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -215,6 +215,9 @@ pub enum CgroupError {
 }
 
 /// A cgroup backend: creates, fills, signals and removes the cgroups of Muster's tasks.
+///
+/// Every fallible method rejects a `name` that is not one plain path component with
+/// [`CgroupError::InvalidName`], so no call can reach outside Muster's subtree.
 pub trait Cgroups: Send + Sync + fmt::Debug {
     /// Which interface this backend drives.
     fn version(&self) -> CgroupVersion;
@@ -231,6 +234,7 @@ pub trait Cgroups: Send + Sync + fmt::Debug {
     /// Moves process `pid` (all its threads) into `name` by writing it to every
     /// [`procs_files`](Cgroups::procs_files) entry.
     fn add_process(&self, name: &str, pid: i32) -> Result<(), CgroupError> {
+        util::validate_name(name)?;
         let value = pid.to_string();
         for file in self.procs_files(name) {
             util::write(&file, &value)?;

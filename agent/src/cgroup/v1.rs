@@ -127,7 +127,12 @@ impl V1Cgroups {
                 continue;
             }
             let leaf = i + 1 == depth;
-            inherit_if_empty(&above, &dir, "cpuset.mems")?;
+            // The task's own level always follows its parent's memory nodes.
+            if leaf {
+                copy_file(&above, &dir, "cpuset.mems")?;
+            } else {
+                inherit_if_empty(&above, &dir, "cpuset.mems")?;
+            }
             match (leaf, cpus) {
                 (true, Some(cpus)) => util::write(&dir.join("cpuset.cpus"), cpus)?,
                 (true, None) => copy_file(&above, &dir, "cpuset.cpus")?,
@@ -269,6 +274,7 @@ impl Cgroups for V1Cgroups {
     }
 
     fn pids(&self, name: &str) -> Result<Vec<i32>, CgroupError> {
+        util::validate_name(name)?;
         let mut pids = Vec::new();
         for h in self.hierarchies(false)? {
             util::pids_recursive(&self.dir_in(&h.mount, name), &mut pids)?;
@@ -279,6 +285,7 @@ impl Cgroups for V1Cgroups {
     }
 
     fn kill_all(&self, name: &str, signal: Signal) -> Result<(), CgroupError> {
+        util::validate_name(name)?;
         let freezer = self.dir("freezer", name);
         if !freezer.is_dir() {
             // Not (or no longer) a cgroup here: signal whatever other hierarchies still hold.
@@ -303,6 +310,7 @@ impl Cgroups for V1Cgroups {
     }
 
     fn oom_killed(&self, name: &str) -> Result<bool, CgroupError> {
+        util::validate_name(name)?;
         let dir = self.dir("memory", name);
         let control = dir.join("memory.oom_control");
         if let Some(text) = util::read_opt(&control)? {

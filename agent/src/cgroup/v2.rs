@@ -165,6 +165,7 @@ impl Cgroups for V2Cgroups {
     }
 
     fn pids(&self, name: &str) -> Result<Vec<i32>, CgroupError> {
+        util::validate_name(name)?;
         let mut pids = Vec::new();
         util::pids_recursive(&self.dir(name), &mut pids)?;
         pids.sort_unstable();
@@ -173,6 +174,7 @@ impl Cgroups for V2Cgroups {
     }
 
     fn kill_all(&self, name: &str, signal: Signal) -> Result<(), CgroupError> {
+        util::validate_name(name)?;
         let dir = self.dir(name);
         if !dir.is_dir() {
             return Ok(());
@@ -200,6 +202,7 @@ impl Cgroups for V2Cgroups {
     }
 
     fn oom_killed(&self, name: &str) -> Result<bool, CgroupError> {
+        util::validate_name(name)?;
         let events = self.dir(name).join("memory.events");
         let text = util::read(&events)?;
         match util::stat_value(&text, "oom_kill") {

@@ -46,6 +46,8 @@ pub struct TaskMeta {
 }
 
 struct Local {
+    /// Woken when the shim this agent started exits.
+    reaped: Arc<tokio::sync::Notify>,
     meta: TaskMeta,
     phase: Phase,
     pid: Option<u32>,
@@ -235,11 +237,13 @@ impl Runtime {
     }
 
     fn start(self: &Arc<Self>, key: TaskKey, a: &pb::TaskAssignment) {
-        match self.launch(key, a) {
+        let reaped = Arc::new(tokio::sync::Notify::new());
+        match self.launch(key, a, reaped.clone()) {
             Ok(meta) => {
                 self.lock().tasks.insert(
                     key,
                     Local {
+                        reaped,
                         meta,
                         phase: Phase::Starting,
                         pid: None,
@@ -262,6 +266,7 @@ impl Runtime {
                 self.lock().tasks.insert(
                     key,
                     Local {
+                        reaped,
                         meta: TaskMeta {
                             key,
                             gpus: vec![],
@@ -280,7 +285,12 @@ impl Runtime {
     }
 
     /// Prepare the folder, cgroup and shim spec, and start the shim.
-    fn launch(&self, key: TaskKey, a: &pb::TaskAssignment) -> Result<TaskMeta, String> {
+    fn launch(
+        &self,
+        key: TaskKey,
+        a: &pb::TaskAssignment,
+        reaped: Arc<tokio::sync::Notify>,
+    ) -> Result<TaskMeta, String> {
         let who = identity::resolve(&a.user, self.settings.allow_root_jobs)?;
         let dir = self.task_dir(key);
         std::fs::create_dir_all(&dir)
@@ -364,6 +374,7 @@ impl Runtime {
         std::thread::spawn(move || {
             let mut child = child;
             let _ = child.wait();
+            reaped.notify_one();
         });
         let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
         shim::write_atomic(&dir.join("task.json"), &json)
@@ -375,23 +386,27 @@ impl Runtime {
     async fn supervise(self: Arc<Self>, key: TaskKey) {
         let dir = self.task_dir(key);
         loop {
-            let phase = match self.lock().tasks.get(&key) {
-                Some(t) => t.phase,
+            let (phase, reaped) = match self.lock().tasks.get(&key) {
+                Some(t) => (t.phase, t.reaped.clone()),
                 None => return,
             };
-            tokio::time::sleep(if phase == Phase::Starting {
+            let poll = if phase == Phase::Starting {
                 START_POLL
             } else {
                 RUN_POLL
-            })
-            .await;
+            };
+            // Adopted shims are not our children: for them only the poll wakes us.
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = reaped.notified() => {}
+            }
             if phase == Phase::Starting || phase == Phase::Killing {
                 if let Some(pid) = read_pid(&dir.join("pid")) {
                     self.mark_started(key, pid);
                 }
             }
             if let Some(exit) = self.check_exit(key, &dir) {
-                self.finish(key, exit);
+                self.finish(key, exit).await;
                 return;
             }
         }
@@ -431,20 +446,25 @@ impl Runtime {
         None
     }
 
-    fn finish(self: &Arc<Self>, key: TaskKey, rec: ExitRecord) {
+    async fn finish(self: &Arc<Self>, key: TaskKey, rec: ExitRecord) {
         let cgroup = self
             .lock()
             .tasks
             .get(&key)
             .and_then(|t| t.meta.cgroup.clone());
         let mut oom = false;
-        if let (Some(cg), Some(name)) = (&self.cgroups, &cgroup) {
-            oom = cg.oom_killed(name).unwrap_or(false);
-            // Orphans the task left behind go with it.
-            let _ = cg.kill_all(name, Signal::SIGKILL);
-            if let Err(e) = remove_cgroup(cg.as_ref(), name) {
-                tracing::warn!(task = %key, "cgroup not removed: {e}");
-            }
+        if let (Some(cg), Some(name)) = (self.cgroups.clone(), cgroup) {
+            // Freezing and emptying a cgroup can block: keep it off the reactor.
+            let cleanup = tokio::task::spawn_blocking(move || {
+                let oom = cg.oom_killed(&name).unwrap_or(false);
+                // Orphans the task left behind go with it.
+                let _ = cg.kill_all(&name, Signal::SIGKILL);
+                if let Err(e) = remove_cgroup(cg.as_ref(), &name) {
+                    tracing::warn!(task = %key, "cgroup not removed: {e}");
+                }
+                oom
+            });
+            oom = cleanup.await.unwrap_or(false);
         }
         let exit = pb::TaskExited {
             code: rec.code,
@@ -475,10 +495,10 @@ impl Runtime {
             (t.pid, t.meta.cgroup.clone())
         };
         tracing::info!(task = %key, "stopping task");
-        self.signal(pid, cgroup.as_deref(), Signal::SIGTERM);
         let rt = self.clone();
         let grace = self.settings.kill_grace;
         tokio::spawn(async move {
+            rt.signal_off_reactor(pid, cgroup, Signal::SIGTERM).await;
             tokio::time::sleep(grace).await;
             let (pid, cgroup, phase) = match rt.lock().tasks.get(&key) {
                 Some(t) => (t.pid, t.meta.cgroup.clone(), t.phase),
@@ -486,9 +506,20 @@ impl Runtime {
             };
             if phase != Phase::Exited {
                 tracing::info!(task = %key, "grace period over; killing");
-                rt.signal(pid, cgroup.as_deref(), Signal::SIGKILL);
+                rt.signal_off_reactor(pid, cgroup, Signal::SIGKILL).await;
             }
         });
+    }
+
+    /// `signal` on a blocking thread: freezing a cgroup can take a while.
+    async fn signal_off_reactor(
+        self: &Arc<Self>,
+        pid: Option<u32>,
+        cgroup: Option<String>,
+        sig: Signal,
+    ) {
+        let rt = self.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.signal(pid, cgroup.as_deref(), sig)).await;
     }
 
     fn signal(&self, pid: Option<u32>, cgroup: Option<&str>, sig: Signal) {
@@ -533,6 +564,7 @@ impl Runtime {
             self.lock().tasks.insert(
                 key,
                 Local {
+                    reaped: Arc::new(tokio::sync::Notify::new()),
                     meta,
                     phase,
                     pid,

@@ -38,7 +38,7 @@ impl ClientApi {
         Ok(convert::job_to_pb(
             &state,
             job,
-            verdicts.get(&id).map(String::as_str),
+            verdicts.get(&id).map(|v| v.to_string()).as_deref(),
             position,
         ))
     }
@@ -119,8 +119,13 @@ impl Muster for ClientApi {
         let mut jobs = Vec::new();
         for (pos, id) in planner::queue_order(&state).into_iter().enumerate() {
             if let Some(j) = state.jobs.get(&id) {
-                let reason = verdicts.get(&id).map(String::as_str);
-                jobs.push(convert::job_to_pb(&state, j, reason, pos as u32 + 1));
+                let reason = verdicts.get(&id).map(|v| v.to_string());
+                jobs.push(convert::job_to_pb(
+                    &state,
+                    j,
+                    reason.as_deref(),
+                    pos as u32 + 1,
+                ));
             }
         }
         for j in state.jobs.values() {

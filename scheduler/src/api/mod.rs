@@ -32,7 +32,7 @@ pub struct Ctx {
     pub raft: RaftHandle,
     pub cfg: SchedulerConfig,
     /// The planner's latest word on each pending job.
-    pub verdicts: RwLock<BTreeMap<JobId, String>>,
+    pub verdicts: RwLock<BTreeMap<JobId, crate::planner::Verdict>>,
     /// Agent leases: node → last heard from (leader memory only).
     pub leases: Mutex<HashMap<String, Instant>>,
 }

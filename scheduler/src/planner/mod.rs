@@ -131,8 +131,34 @@ fn tenant_room(state: &State, spec: &crate::model::JobSpec, planned: u32) -> Res
     Ok(())
 }
 
+/// How many more tasks of size `r` fit on `node` given `usage` (no allocation).
+fn slots(node: &crate::model::Node, usage: &NodeUsage, r: &Resources) -> u32 {
+    if node.state != crate::model::NodeState::Ready {
+        return 0;
+    }
+    let free_cpu = node.cpu_millis.saturating_sub(usage.cpu_millis);
+    let free_mem = node.memory_bytes.saturating_sub(usage.memory_bytes);
+    let mut n = u32::MAX;
+    if r.cpu_millis > 0 {
+        n = n.min(free_cpu / r.cpu_millis);
+    }
+    if r.memory_bytes > 0 {
+        n = n.min((free_mem / r.memory_bytes).min(u64::from(u32::MAX)) as u32);
+    }
+    if r.gpus > 0 {
+        let free_gpus = node
+            .gpus
+            .iter()
+            .filter(|g| g.healthy && !usage.gpus.contains_key(&g.index))
+            .count() as u32;
+        n = n.min(free_gpus / r.gpus);
+    }
+    n
+}
+
 /// Place every task of a gang, or nothing: on failure `usage` is untouched and
-/// the error is the number of tasks that would have fit.
+/// the error is the number of tasks that would have fit. Counting comes first,
+/// so a gang that cannot fit costs no allocation.
 fn place_gang<'a>(
     nodes: &[&'a crate::model::Node],
     usage: &mut BTreeMap<&'a str, NodeUsage>,
@@ -140,13 +166,27 @@ fn place_gang<'a>(
     tasks: u32,
     r: &Resources,
 ) -> Result<Vec<TaskPlacement>, u32> {
-    let mut trial: BTreeMap<&'a str, NodeUsage> = BTreeMap::new();
-    let mut out = Vec::with_capacity(tasks as usize);
+    let empty = NodeUsage::default();
+    let mut total = 0u32;
+    let mut take_from = Vec::new();
     for node in nodes {
-        let u = trial
-            .entry(node.name.as_str())
-            .or_insert_with(|| usage.get(node.name.as_str()).cloned().unwrap_or_default());
-        while (out.len() as u32) < tasks {
+        let u = usage.get(node.name.as_str()).unwrap_or(&empty);
+        let n = slots(node, u, r).min(tasks - total);
+        if n > 0 {
+            take_from.push((*node, n));
+            total += n;
+        }
+        if total == tasks {
+            break;
+        }
+    }
+    if total < tasks {
+        return Err(total);
+    }
+    let mut out = Vec::with_capacity(tasks as usize);
+    for (node, n) in take_from {
+        let u = usage.entry(node.name.as_str()).or_default();
+        for _ in 0..n {
             let Some(gpus) = fit::take(node, u, r) else {
                 break;
             };
@@ -159,15 +199,6 @@ fn place_gang<'a>(
             u.add(job, &p);
             out.push(p);
         }
-        if out.len() as u32 == tasks {
-            break;
-        }
-    }
-    if (out.len() as u32) < tasks {
-        return Err(out.len() as u32);
-    }
-    for (name, u) in trial {
-        usage.insert(name, u);
     }
     Ok(out)
 }
