@@ -9,7 +9,7 @@
 //!
 //! Tasks run as the user who started `muster dev`. As root they get real
 //! cgroups; otherwise there is no isolation, and the agents' log says so.
-//! Ctrl-C stops the daemons; tasks still running keep running under their
+//! Ctrl-C (or SIGTERM) stops the daemons; tasks still running keep running under their
 //! supervisors and are re-adopted by the next `muster dev` on the same folder.
 
 use anyhow::{bail, Context};
@@ -161,8 +161,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         children.push(spawn(&agent_bin, cfg)?);
     }
     print_banner(&args, &data);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
     let outcome = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
         name = first_exit(&mut children) => Err(anyhow::anyhow!("{name} stopped unexpectedly; see its log above")),
     };
     eprintln!(
