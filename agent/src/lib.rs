@@ -78,6 +78,7 @@ fn gpus_to_pb(gpus: Vec<gpu::Gpu>) -> Vec<pb::GpuInfo> {
             numa_node: g.numa_node,
             healthy: g.healthy,
             allocated_to: 0,
+            link_group: g.link_group,
         })
         .collect()
 }

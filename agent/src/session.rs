@@ -74,13 +74,23 @@ pub async fn run(
     let mut fence = Fence::load(fence_path);
     let mut backoff = Duration::from_millis(100);
     let mut i = 0usize;
+    let mut hint: Option<String> = None;
     loop {
-        let addr = &schedulers[i % schedulers.len()];
-        i += 1;
+        // Follow the leader a scheduler named, else try the next address.
+        let addr = hint.take().unwrap_or_else(|| {
+            i += 1;
+            schedulers[(i - 1) % schedulers.len()].clone()
+        });
         tokio::select! {
-            r = session(addr, &node, &runtime, &mut events, &mut fence) => match r {
+            r = session(&addr, &node, &runtime, &mut events, &mut fence) => match r {
                 Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => tracing::warn!(scheduler = %addr, "session ended: {e}"),
+                Err(SessionError { message, leader }) => {
+                    tracing::warn!(scheduler = %addr, "session ended: {message}");
+                    if let Some(l) = leader {
+                        backoff = Duration::from_millis(20);
+                        hint = Some(l);
+                    }
+                }
             },
             _ = shutdown.changed() => return,
         }
@@ -89,6 +99,35 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Why a session ended, and the leader's address when a scheduler named it.
+struct SessionError {
+    message: String,
+    leader: Option<String>,
+}
+
+impl From<String> for SessionError {
+    fn from(message: String) -> Self {
+        SessionError {
+            message,
+            leader: None,
+        }
+    }
+}
+
+impl From<tonic::Status> for SessionError {
+    fn from(s: tonic::Status) -> Self {
+        let leader = s
+            .metadata()
+            .get("muster-leader")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        SessionError {
+            message: s.message().to_string(),
+            leader,
+        }
     }
 }
 
@@ -109,7 +148,7 @@ async fn session(
     runtime: &Arc<Runtime>,
     events: &mut mpsc::UnboundedReceiver<Event>,
     fence: &mut Fence,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let channel = endpoint(addr)?
         .connect()
         .await
@@ -141,7 +180,7 @@ async fn session(
         kind: Some(pb::scheduler_message::Kind::Registered(reg)),
     }) = first
     else {
-        return Err("scheduler did not acknowledge the registration".into());
+        return Err(String::from("scheduler did not acknowledge the registration").into());
     };
     fence.admit(reg.term);
     tracing::info!(scheduler = %addr, term = reg.term, "registered");
@@ -163,8 +202,10 @@ async fn session(
                 }
             }
             msg = inbound.message() => {
-                let msg = msg.map_err(|e| e.message().to_string())?;
-                let Some(msg) = msg else { return Err("scheduler closed the session".into()) };
+                let msg = msg?;
+                let Some(msg) = msg else {
+                    return Err(String::from("scheduler closed the session").into());
+                };
                 if let Some(pb::scheduler_message::Kind::Assignments(a)) = msg.kind {
                     if fence.admit(a.term) {
                         runtime.set_desired(a.tasks);

@@ -102,6 +102,16 @@ fn next_event(inventory: &dyn GpuInventory) -> HealthEvent {
         .expect("an event before the timeout")
 }
 
+/// The link group the agent should derive from the mock's NVLink groups:
+/// the lowest index sharing the GPU's group (itself when it has none).
+fn gpus_link_group(gpus: &[MockGpu], index: u32) -> u32 {
+    let mine = gpus[index as usize].nvlink_group;
+    (0u32..)
+        .zip(gpus)
+        .find(|(i, g)| *i == index || (mine.is_some() && g.nvlink_group == mine))
+        .map_or(index, |(i, _)| i)
+}
+
 fn assert_quiet(inventory: &dyn GpuInventory) {
     let event = inventory
         .wait_health_event(Duration::from_millis(300))
@@ -125,6 +135,7 @@ fn inventory_matches_the_mock_config() {
             pci_bus_id: mock.pci_bus_id.clone(),
             numa_node: mock.numa_node,
             healthy: true,
+            link_group: gpus_link_group(&host.config.gpus, index),
         })
         .collect();
     let gpus = inventory.gpus().expect("gpus");
@@ -134,6 +145,11 @@ fn inventory_matches_the_mock_config() {
     assert_eq!(gpus[3].model, "NVIDIA H100 NVL");
     assert_eq!((gpus[0].minor, gpus[3].minor), (3, 0));
     assert_eq!(gpus[2].memory_bytes, 82 << 30);
+    // NVLink pairs (0,1) and (2,3) in the mock become two link groups.
+    assert_eq!(
+        gpus.iter().map(|g| g.link_group).collect::<Vec<_>>(),
+        vec![0, 0, 2, 2]
+    );
     assert_eq!(
         gpus.iter().map(|g| g.numa_node).collect::<Vec<_>>(),
         vec![0, 0, 1, 1]

@@ -56,6 +56,8 @@ pub enum Command {
     Queue(QueueArgs),
     /// Show one job and its tasks
     Show(JobArg),
+    /// Say why a job is not running: the planner's own verdict
+    Why(JobArg),
     /// Cancel a job
     Cancel(JobArg),
     /// Print a task's output
@@ -67,6 +69,9 @@ pub enum Command {
     /// Manage tenants
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Scheduler cluster administration: Raft status and membership
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Run a one-machine cluster (scheduler and agent) for trying Muster out
     Dev(DevArgs),
 }
@@ -76,11 +81,14 @@ Examples:
   muster submit -- python train.py --epochs 3
   muster submit --tasks 4 --gpus 8 --cpus 16 --mem 200G --time 12h -- torchrun train.py
   muster submit --cpus 0.5 --mem 512M --env LOG=debug -- ./check.sh
+  muster submit --tenant ml/nlp --priority high --tasks 4 --gpus 8 --same block -- torchrun train.py
   muster submit -f job.toml --gpus 2        # flags override the file
 
 A job file (every key optional except command):
   name = \"train\"
   tenant = \"ml/vision\"
+  priority = \"high\"           # a class from the scheduler's config
+  same = \"block\"              # all nodes under one `block` label (or prefer_same)
   tasks = 4
   gpus = 8                     # per task
   cpus = 16                    # per task; fractions allowed (0.5)
@@ -124,9 +132,23 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "DURATION", value_parser = spec::parse_time_limit)]
     pub time: Option<u64>,
 
-    /// Tenant to charge [default: default]
+    /// Tenant to charge, e.g. ml/nlp [default: your default tenant, else `default`]
     #[arg(long, value_name = "T", value_parser = spec::parse_nonempty)]
     pub tenant: Option<String>,
+
+    /// Priority class (scheduler config), e.g. low, normal, high [default: the
+    /// scheduler's default class]
+    #[arg(long, value_name = "CLASS", value_parser = spec::parse_nonempty)]
+    pub priority: Option<String>,
+
+    /// Place every task under one value of this node label (e.g. block, rack);
+    /// wait rather than spread
+    #[arg(long, value_name = "LABEL", value_parser = spec::parse_nonempty, conflicts_with = "prefer_same")]
+    pub same: Option<String>,
+
+    /// Prefer one value of this node label for every task; spread if none has room
+    #[arg(long, value_name = "LABEL", value_parser = spec::parse_nonempty)]
+    pub prefer_same: Option<String>,
 
     /// Job name [default: the command's file name]
     #[arg(long, value_name = "NAME", value_parser = spec::parse_nonempty)]
@@ -195,25 +217,51 @@ pub struct NodesArgs {
     pub gpus: bool,
 }
 
-/// `muster tenant ...`.
+pub use crate::tenant_args::TenantCommand;
+
+/// `muster admin ...`.
 #[derive(Debug, Subcommand)]
-pub enum TenantCommand {
-    /// Create a tenant
-    Create(TenantCreateArgs),
-    /// List tenants, their GPU limits and use
-    List,
+pub enum AdminCommand {
+    /// Every member's role, term, commit and applied index, lag and links.
+    /// Asks each member listed in --addr (comma-separated) and every member
+    /// they know of.
+    Status,
+    /// Scheduler membership (joint consensus through the Raft log)
+    #[command(subcommand)]
+    Peers(PeersCommand),
 }
 
-/// `muster tenant create`.
-#[derive(Debug, Args)]
-pub struct TenantCreateArgs {
-    /// Tenant name; `org/team` makes a child of `org`
-    #[arg(value_name = "NAME", value_parser = spec::parse_nonempty)]
-    pub name: String,
+/// `muster admin peers ...`.
+#[derive(Debug, Subcommand)]
+pub enum PeersCommand {
+    /// List the members
+    List,
+    /// Add a member: start it first with `join = true` and its own node_id
+    #[command(
+        after_help = "Example:\n  muster admin peers add --id 4 --peer-addr http://10.0.0.4:7470"
+    )]
+    Add(PeerAddArgs),
+    /// Remove a member; it stops serving once the change commits
+    Remove(PeerRemoveArgs),
+}
 
-    /// Most GPUs the tenant may hold at once; 0 means unlimited [default: 0]
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub gpu_limit: u32,
+/// `muster admin peers add`.
+#[derive(Debug, Args)]
+pub struct PeerAddArgs {
+    /// The new member's Raft id (its `node_id`)
+    #[arg(long, value_name = "ID")]
+    pub id: u64,
+    /// The new member's address, as others reach its `listen`
+    #[arg(long = "peer-addr", value_name = "URL")]
+    pub peer_addr: String,
+}
+
+/// `muster admin peers remove`.
+#[derive(Debug, Args)]
+pub struct PeerRemoveArgs {
+    /// The member's Raft id
+    #[arg(value_name = "ID")]
+    pub id: u64,
 }
 
 #[cfg(test)]

@@ -54,10 +54,39 @@ enum Peer {
 }
 
 /// Connects to the scheduler at `addr` (`http://host:port` or `host:port`),
-/// failing within [`CONNECT_TIMEOUT`] if nothing answers there.
+/// failing within [`CONNECT_TIMEOUT`] if nothing answers there. `addr` may
+/// list several schedulers separated by commas: the first that answers is
+/// used (any member serves clients).
 pub async fn connect(addr: &str) -> Result<MusterClient<Channel>, ClientError> {
+    connect_any(addr).await.map(|(_, c)| c)
+}
+
+/// Like [`connect`], also returning the address that answered.
+pub async fn connect_any(addr: &str) -> Result<(String, MusterClient<Channel>), ClientError> {
+    let addrs: Vec<&str> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match open_channel(a, Peer::Scheduler).await {
+            Ok(channel) => return Ok((a.to_string(), MusterClient::new(channel))),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::BadAddress {
+        addr: addr.to_string(),
+        reason: "no address given".to_string(),
+    }))
+}
+
+/// Connects to the admin service of one scheduler.
+pub async fn connect_admin(
+    addr: &str,
+) -> Result<muster_proto::admin_client::AdminClient<Channel>, ClientError> {
     let channel = open_channel(addr, Peer::Scheduler).await?;
-    Ok(MusterClient::new(channel))
+    Ok(muster_proto::admin_client::AdminClient::new(channel))
 }
 
 /// Connects to an agent's local service (used for logs). No request timeout:
@@ -189,18 +218,62 @@ fn code_name(code: Code) -> String {
     format!("{code:?}")
 }
 
+/// How long `submit` keeps retrying through a leader change.
+pub const SUBMIT_RETRY: Duration = Duration::from_secs(15);
+
+/// The listed addresses starting after `current`, so a retry tries another.
+fn rotate(all: &str, current: &str) -> String {
+    let addrs: Vec<&str> = all
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let pos = addrs
+        .iter()
+        .position(|a| *a == current)
+        .map(|p| p + 1)
+        .unwrap_or(0);
+    let mut out: Vec<&str> = addrs[pos.min(addrs.len())..].to_vec();
+    out.extend_from_slice(&addrs[..pos.min(addrs.len())]);
+    out.join(",")
+}
+
+/// A fresh idempotency key: host, process, time and a little randomness.
+fn request_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut rnd = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut rnd));
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    format!(
+        "{host}-{}-{nanos:x}-{:x}",
+        std::process::id(),
+        u64::from_le_bytes(rnd)
+    )
+}
+
 /// A connected scheduler client whose calls return readable errors.
 pub struct Scheduler {
     addr: String,
+    /// Every address given (comma-separated), for failing over.
+    all: String,
     inner: MusterClient<Channel>,
 }
 
 impl Scheduler {
     /// Connects as [`connect`] does.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let (chosen, inner) = connect_any(addr).await?;
         Ok(Scheduler {
-            addr: addr.to_string(),
-            inner: connect(addr).await?,
+            addr: chosen,
+            all: addr.to_string(),
+            inner,
         })
     }
 
@@ -213,11 +286,35 @@ impl Scheduler {
         status_error(&status, &self.addr, what, subject)
     }
 
-    /// Submits a job and returns its id.
-    pub async fn submit(&mut self, req: SubmitRequest) -> Result<u64, ClientError> {
-        match self.inner.submit(req).await {
-            Ok(r) => Ok(r.into_inner().id),
-            Err(s) => Err(self.fail(s, "submit", None)),
+    /// Submits a job and returns its id. While the cluster elects a leader
+    /// (the scheduler answers Unavailable) or the scheduler is unreachable,
+    /// it retries for up to [`SUBMIT_RETRY`], on every listed address in turn,
+    /// with the same idempotency key, so a retry never creates a second job.
+    pub async fn submit(&mut self, mut req: SubmitRequest) -> Result<u64, ClientError> {
+        if req.request_id.is_empty() {
+            req.request_id = request_id();
+        }
+        let deadline = tokio::time::Instant::now() + SUBMIT_RETRY;
+        loop {
+            let err = match self.inner.submit(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner().id),
+                Err(s)
+                    if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline =>
+                {
+                    s
+                }
+                Err(s) => return Err(self.fail(s, "submit", None)),
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let others = rotate(&self.all, &self.addr);
+            match connect_any(&others).await {
+                Ok((addr, inner)) => {
+                    self.addr = addr;
+                    self.inner = inner;
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => {}
+                Err(_) => return Err(self.fail(err, "submit", None)),
+            }
         }
     }
 
@@ -270,6 +367,30 @@ impl Scheduler {
         match self.inner.list_tenants(ListTenantsRequest {}).await {
             Ok(r) => Ok(r.into_inner().tenants),
             Err(s) => Err(self.fail(s, "list tenants", None)),
+        }
+    }
+
+    /// Changes a tenant.
+    pub async fn update_tenant(
+        &mut self,
+        req: muster_proto::UpdateTenantRequest,
+    ) -> Result<TenantInfo, ClientError> {
+        let subject = format!("tenant {}", req.name);
+        match self.inner.update_tenant(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s, "update tenant", Some(&subject))),
+        }
+    }
+
+    /// Deletes a tenant.
+    pub async fn delete_tenant(
+        &mut self,
+        req: muster_proto::DeleteTenantRequest,
+    ) -> Result<(), ClientError> {
+        let subject = format!("tenant {}", req.name);
+        match self.inner.delete_tenant(req).await {
+            Ok(_) => Ok(()),
+            Err(s) => Err(self.fail(s, "delete tenant", Some(&subject))),
         }
     }
 

@@ -119,11 +119,23 @@ pub fn resolve_addr(
     } else {
         (DEFAULT_ADDR.to_string(), "the default".to_string())
     };
-    normalize_addr(&addr).map_err(|reason| ConfigError::BadAddr {
-        addr,
-        origin,
-        reason,
-    })
+    // Several schedulers may be listed, separated by commas.
+    let mut out = Vec::new();
+    for part in addr.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        out.push(normalize_addr(part).map_err(|reason| ConfigError::BadAddr {
+            addr: part.to_string(),
+            origin: origin.clone(),
+            reason,
+        })?);
+    }
+    if out.is_empty() {
+        return Err(ConfigError::BadAddr {
+            addr,
+            origin,
+            reason: "no address given".to_string(),
+        });
+    }
+    Ok(out.join(","))
 }
 
 /// `host:port` becomes `http://host:port`; `http://` and `https://` URLs pass

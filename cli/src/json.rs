@@ -146,7 +146,24 @@ pub struct Tenant {
     pub name: String,
     /// `null` means unlimited.
     pub gpu_limit: Option<u32>,
+    /// Of the tenant and its children.
     pub gpus_in_use: u32,
+    pub guarantee_gpus: u32,
+    /// Milli-CPUs; `null` means unlimited.
+    pub cpu_limit_millis: Option<u64>,
+    /// Bytes; `null` means unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    pub weight: u32,
+    /// Empty: anyone may submit.
+    pub members: Vec<String>,
+    pub default_for: Vec<String>,
+    pub cpu_millis_in_use: u64,
+    pub memory_bytes_in_use: u64,
+    pub gpus_borrowed: u32,
+    /// Decayed GPU-seconds of its own jobs.
+    pub fair_share_usage: f64,
+    pub jobs_pending: u32,
+    pub jobs_running: u32,
 }
 
 /// A chunk of `muster logs --json`, one JSON object per line.
@@ -287,6 +304,18 @@ impl From<&TenantInfo> for Tenant {
             name: t.name.clone(),
             gpu_limit: nonzero(t.gpu_limit),
             gpus_in_use: t.gpus_in_use,
+            guarantee_gpus: t.guarantee_gpus,
+            cpu_limit_millis: (t.cpu_limit_millis > 0).then_some(t.cpu_limit_millis),
+            memory_limit_bytes: (t.memory_limit_bytes > 0).then_some(t.memory_limit_bytes),
+            weight: t.weight,
+            members: t.members.clone(),
+            default_for: t.default_for.clone(),
+            cpu_millis_in_use: t.cpu_millis_in_use,
+            memory_bytes_in_use: t.memory_bytes_in_use,
+            gpus_borrowed: t.gpus_borrowed,
+            fair_share_usage: t.fair_share_usage,
+            jobs_pending: t.jobs_pending,
+            jobs_running: t.jobs_running,
         }
     }
 }
@@ -335,8 +364,12 @@ mod tests {
             name: "a".into(),
             gpu_limit: 0,
             gpus_in_use: 2,
+            weight: 1,
+            ..TenantInfo::default()
         };
-        let text = serde_json::to_string(&Tenant::from(&t)).expect("serializable");
-        assert_eq!(text, r#"{"name":"a","gpu_limit":null,"gpus_in_use":2}"#);
+        let value = serde_json::to_value(Tenant::from(&t)).expect("serializable");
+        assert_eq!(value["gpu_limit"], serde_json::Value::Null);
+        assert_eq!(value["cpu_limit_millis"], serde_json::Value::Null);
+        assert_eq!(value["gpus_in_use"], 2);
     }
 }

@@ -16,6 +16,7 @@ mod dev;
 mod json;
 mod output;
 mod spec;
+mod tenant_args;
 
 use std::process::ExitCode;
 

@@ -141,6 +141,7 @@ pub fn job_state_name(state: i32) -> String {
         Ok(JobState::Failed) => "failed".into(),
         Ok(JobState::Cancelled) => "cancelled".into(),
         Ok(JobState::TimedOut) => "timed-out".into(),
+        Ok(JobState::Preempting) => "preempting".into(),
         Ok(JobState::Unspecified) | Err(_) => format!("unknown({state})"),
     }
 }

@@ -27,8 +27,6 @@ pub const DEFAULT_GPUS: u32 = 0;
 pub const DEFAULT_CPU_MILLIS: u32 = 1000;
 /// Memory per task by default (1 GiB).
 pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
-/// Tenant used when none is given.
-pub const DEFAULT_TENANT: &str = "default";
 
 /// A spec that one source gave: every field optional.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,6 +41,11 @@ pub struct PartialSpec {
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
+    pub priority: Option<String>,
+    /// Node label whose value all the gang's nodes must share.
+    pub same: Option<String>,
+    /// Node label whose value the gang's nodes should share if they can.
+    pub prefer_same: Option<String>,
 }
 
 /// A spec that cannot be used; the message names the flag, or the file and key.
@@ -73,6 +76,7 @@ impl PartialSpec {
     /// This spec with every field that `over` sets replaced; env merges by key.
     pub fn overlay(mut self, over: PartialSpec) -> PartialSpec {
         self.env.extend(over.env);
+        let label_over = over.same.is_some() || over.prefer_same.is_some();
         PartialSpec {
             name: over.name.or(self.name),
             tenant: over.tenant.or(self.tenant),
@@ -84,6 +88,14 @@ impl PartialSpec {
             command: over.command.or(self.command),
             env: self.env,
             workdir: over.workdir.or(self.workdir),
+            priority: over.priority.or(self.priority),
+            // A label given at one level replaces both at the other.
+            same: if label_over { over.same } else { self.same },
+            prefer_same: if label_over {
+                over.prefer_same
+            } else {
+                self.prefer_same
+            },
         }
     }
 
@@ -97,7 +109,8 @@ impl PartialSpec {
         };
         Ok(JobSpec {
             name,
-            tenant: self.tenant.unwrap_or_else(|| DEFAULT_TENANT.to_string()),
+            // Empty: the scheduler uses the user's default tenant.
+            tenant: self.tenant.unwrap_or_default(),
             tasks: self.tasks.unwrap_or(DEFAULT_TASKS),
             gpus_per_task: self.gpus.unwrap_or(DEFAULT_GPUS),
             cpu_millis_per_task: self.cpu_millis.unwrap_or(DEFAULT_CPU_MILLIS),
@@ -107,6 +120,9 @@ impl PartialSpec {
             env: self.env.into_iter().collect(),
             workdir: workdir.to_string_lossy().into_owned(),
             checkpoint_dir: String::new(),
+            priority: self.priority.unwrap_or_default(),
+            topology_required: self.same.is_some(),
+            topology_label: self.same.or(self.prefer_same).unwrap_or_default(),
         })
     }
 }
@@ -324,6 +340,9 @@ struct RawJobFile {
     command: Option<toml::Value>,
     env: Option<BTreeMap<String, toml::Value>>,
     workdir: Option<String>,
+    priority: Option<String>,
+    same: Option<String>,
+    prefer_same: Option<String>,
 }
 
 /// Reads and validates a job file.
@@ -348,9 +367,12 @@ pub fn from_toml(path: &str, text: &str) -> Result<PartialSpec, SpecError> {
         v.map(|s| parse_nonempty(&s).map_err(|m| key_err(key, m)))
             .transpose()
     };
-    Ok(PartialSpec {
+    let spec = PartialSpec {
         name: nonempty("name", raw.name)?,
         tenant: nonempty("tenant", raw.tenant)?,
+        priority: nonempty("priority", raw.priority)?,
+        same: nonempty("same", raw.same)?,
+        prefer_same: nonempty("prefer_same", raw.prefer_same)?,
         tasks: raw
             .tasks
             .map(toml_tasks)
@@ -383,7 +405,14 @@ pub fn from_toml(path: &str, text: &str) -> Result<PartialSpec, SpecError> {
             .map_err(|m| key_err("command", m))?,
         env: toml_env(raw.env.unwrap_or_default()).map_err(|m| key_err("env", m))?,
         workdir: nonempty("workdir", raw.workdir)?.map(PathBuf::from),
-    })
+    };
+    if spec.same.is_some() && spec.prefer_same.is_some() {
+        return Err(key_err(
+            "prefer_same",
+            "give `same` (required) or `prefer_same`, not both".to_string(),
+        ));
+    }
+    Ok(spec)
 }
 
 /// A one-line `path:line:col: message` from toml's error.

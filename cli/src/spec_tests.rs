@@ -231,7 +231,7 @@ fn defaults_fill_the_rest() {
     };
     let spec = flags.finish(Path::new("/home/a")).expect("complete");
     assert_eq!(spec.name, "run.sh");
-    assert_eq!(spec.tenant, DEFAULT_TENANT);
+    assert_eq!(spec.tenant, "", "empty: the user's default tenant");
     assert_eq!(spec.tasks, DEFAULT_TASKS);
     assert_eq!(spec.gpus_per_task, DEFAULT_GPUS);
     assert_eq!(spec.cpu_millis_per_task, DEFAULT_CPU_MILLIS);

@@ -3,6 +3,7 @@
 //! a bad value is an error that names the key and the file.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,6 +89,27 @@ pub struct SchedulerConfig {
     /// Applied entries between state-machine snapshots (and log compaction).
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// Priority classes, fair share, backfill and preemption.
+    #[serde(default)]
+    pub scheduling: crate::scheduling::SchedulingConfig,
+    /// Scheduler members by Raft id → address (`http://host:port`), this
+    /// node included. Bootstraps a new cluster, and is how this node reaches
+    /// the others (members added later are found through the log). Empty: a
+    /// single-node cluster.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// Start without bootstrapping: this node waits to be added to an existing
+    /// cluster with `muster admin peers add`.
+    #[serde(default)]
+    pub join: bool,
+    /// How long a write may wait to be committed before the client is told
+    /// there is no quorum.
+    #[serde(default = "default_commit_timeout", with = "humantime_serde")]
+    pub commit_timeout: Duration,
+}
+
+fn default_commit_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for SchedulerConfig {
@@ -103,6 +125,10 @@ impl Default for SchedulerConfig {
             election_ticks: default_election_ticks(),
             heartbeat_ticks: default_heartbeat_ticks(),
             snapshot_entries: default_snapshot_entries(),
+            scheduling: Default::default(),
+            peers: BTreeMap::new(),
+            join: false,
+            commit_timeout: default_commit_timeout(),
         }
     }
 }
@@ -149,7 +175,45 @@ impl SchedulerConfig {
         if self.snapshot_entries == 0 {
             return Err("key `snapshot_entries`: must be at least 1".into());
         }
+        self.scheduling.validate()?;
+        let peers = self.peer_map()?;
+        if !peers.is_empty() && !peers.contains_key(&self.node_id) && !self.join {
+            return Err(format!(
+                "key `peers`: lists no address for this node (node_id = {})",
+                self.node_id
+            ));
+        }
+        if self.commit_timeout.is_zero() {
+            return Err("key `commit_timeout`: must be greater than 0".into());
+        }
         Ok(())
+    }
+
+    /// `peers` with numeric ids, checked.
+    pub fn peer_map(&self) -> Result<BTreeMap<u64, String>, String> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.peers {
+            let id: u64 = k.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                format!("key `peers.{k}`: a peer's key is its Raft id, a number from 1")
+            })?;
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(format!(
+                    "key `peers.{k}`: address {v:?} must start with http:// or https://"
+                ));
+            }
+            out.insert(id, v.clone());
+        }
+        Ok(out)
+    }
+
+    /// The voters a brand-new cluster starts with.
+    pub fn initial_voters(&self) -> Vec<u64> {
+        let peers = self.peer_map().unwrap_or_default();
+        if peers.is_empty() {
+            vec![self.node_id]
+        } else {
+            peers.keys().copied().collect()
+        }
     }
 }
 

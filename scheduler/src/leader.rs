@@ -35,17 +35,31 @@ pub async fn plan_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
 }
 
 async fn plan_once(ctx: &Ctx, term: u64) {
+    let policy = ctx.cfg.scheduling.policy();
+    let now = now_ms();
     let plan = {
         let state = ctx.raft.state();
-        planner::plan(&state)
+        planner::plan(&state, &policy, now)
     };
     *ctx.verdicts.write().unwrap_or_else(|p| p.into_inner()) = plan.verdicts;
+    if !plan.preemptions.is_empty() {
+        for o in &plan.preemptions {
+            tracing::info!(victim = %o.victim, for_job = %o.for_job, "preempting: {}", o.reason);
+        }
+        let cmd = Command::Preempt {
+            orders: plan.preemptions,
+            at_ms: now,
+        };
+        if let Err(e) = ctx.raft.propose(cmd).await {
+            tracing::debug!("preemption not proposed: {e}");
+        }
+    }
     if plan.placements.is_empty() {
         return;
     }
     let cmd = Command::ApplyPlan {
         term,
-        at_ms: now_ms(),
+        at_ms: now,
         placements: plan.placements,
     };
     match ctx.raft.propose(cmd).await {
@@ -69,6 +83,7 @@ async fn plan_once(ctx: &Ctx, term: u64) {
 pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let lease = ctx.cfg.agent_lease;
     let mut was_leader = false;
+    let mut last_accrual = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
@@ -85,6 +100,17 @@ pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool
         was_leader = is_leader;
         if !is_leader {
             continue;
+        }
+        let sched = &ctx.cfg.scheduling;
+        if last_accrual.elapsed() >= sched.usage_interval {
+            last_accrual = Instant::now();
+            let cmd = Command::AccrueUsage {
+                at_ms: now_ms(),
+                half_life_secs: sched.fair_share_half_life.as_secs().max(1),
+            };
+            if let Err(e) = ctx.raft.propose(cmd).await {
+                tracing::debug!("usage accrual not applied: {e}");
+            }
         }
         for cmd in due_commands(&ctx, lease) {
             if let Err(e) = ctx.raft.propose(cmd).await {

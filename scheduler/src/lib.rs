@@ -12,6 +12,7 @@ pub mod leader;
 pub mod model;
 pub mod planner;
 pub mod raft;
+pub mod scheduling;
 pub mod server;
 pub mod state;
 

@@ -69,9 +69,116 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// A TCP proxy on loopback that can cut a link: new connections are
+/// refused and live ones are closed while it is blocked. One proxy carries one
+/// direction of one scheduler-to-scheduler link (each node dials its peers),
+/// so blocking it makes a one-way partition.
+pub struct Proxy {
+    pub port: u16,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    /// Forward a fresh loopback port to `target`.
+    pub fn start(target: u16) -> Result<Proxy> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, st) = (blocked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        if b.load(Ordering::Relaxed) {
+                            drop(client);
+                            continue;
+                        }
+                        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                            continue;
+                        };
+                        for (from, to) in [
+                            (client.try_clone(), server.try_clone()),
+                            (server.try_clone(), client.try_clone()),
+                        ] {
+                            if let (Ok(from), Ok(to)) = (from, to) {
+                                let (b, st) = (b.clone(), st.clone());
+                                std::thread::spawn(move || pump(from, to, b, st));
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Proxy {
+            port,
+            blocked,
+            stop,
+        })
+    }
+
+    /// Cut (or restore) the link.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked
+            .store(blocked, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if blocked.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
 /// How to build a test cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
+    /// Scheduler nodes (Raft voters); 1 runs without peers.
+    pub schedulers: usize,
+    /// Put a fault-injecting proxy on every scheduler-to-scheduler link.
+    pub proxies: bool,
+    /// Applied entries between snapshots (small values exercise snapshots).
+    pub snapshot_entries: u64,
+    /// Appended to every scheduler's config (e.g. a `[scheduling]` table).
+    pub scheduler_toml: &'static str,
     pub agents: usize,
     pub gpus_per_agent: usize,
     /// Use real cgroups (as root) or none.
@@ -82,6 +189,10 @@ pub struct ClusterSpec {
 impl Default for ClusterSpec {
     fn default() -> Self {
         ClusterSpec {
+            schedulers: 1,
+            proxies: false,
+            snapshot_entries: 10_000,
+            scheduler_toml: "",
             agents: 2,
             gpus_per_agent: 4,
             cgroups: has_cgroup_v1(),
@@ -93,9 +204,14 @@ impl Default for ClusterSpec {
 /// A running test cluster.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// Every scheduler's client address, comma-separated (what the CLI gets).
     pub addr: String,
+    /// Each scheduler's own client address.
+    pub sched_addrs: Vec<String>,
     pub spec: ClusterSpec,
-    scheduler: Option<Child>,
+    schedulers: Vec<Option<Child>>,
+    /// proxies[(from, to)]: the link `from` uses to reach `to`.
+    pub proxies: std::collections::BTreeMap<(usize, usize), Proxy>,
     agents: Vec<Option<Child>>,
     id: String,
 }
@@ -104,30 +220,40 @@ impl Cluster {
     /// Start a scheduler and the agents, and wait until every agent registered.
     pub fn start(spec: ClusterSpec) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("muster-test-").tempdir()?;
-        let port = free_port();
+        let ports: Vec<u16> = (0..spec.schedulers.max(1)).map(|_| free_port()).collect();
         let id = dir
             .path()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let sched_addrs: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
         let mut c = Cluster {
-            addr: format!("http://127.0.0.1:{port}"),
+            addr: sched_addrs.join(","),
+            sched_addrs,
             dir,
             spec,
-            scheduler: None,
+            schedulers: vec![],
+            proxies: Default::default(),
             agents: vec![],
             id,
         };
-        std::fs::write(
-            c.path("scheduler.toml"),
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_root = \"{}\"\n\
-                 agent_lease = \"5s\"\nheartbeat_interval = \"500ms\"\n",
-                c.path("scheduler-data").display(),
-                c.path("checkpoints").display()
-            ),
-        )?;
-        c.start_scheduler()?;
+        let n = c.sched_addrs.len();
+        if c.spec.proxies {
+            for from in 0..n {
+                for to in (0..n).filter(|t| *t != from) {
+                    c.proxies.insert((from, to), Proxy::start(ports[to])?);
+                }
+            }
+        }
+        for i in 0..n {
+            c.write_scheduler_config(i, n, false)?;
+            c.schedulers.push(None);
+            c.start_scheduler_node(i)?;
+        }
+        c.wait_leader(Duration::from_secs(20))?;
         for i in 0..c.spec.agents {
             c.write_agent_config(i)?;
             c.agents.push(None);
@@ -144,6 +270,108 @@ impl Cluster {
             (ready == n).then_some(())
         })?;
         Ok(c)
+    }
+
+    /// The peers table scheduler `i` uses to reach members `0..members`.
+    fn peers_toml(&self, i: usize, members: usize) -> String {
+        if members <= 1 {
+            return String::new();
+        }
+        let mut out = String::from("[peers]\n");
+        for j in 0..members {
+            let addr = match self.proxies.get(&(i, j)) {
+                Some(p) => format!("http://127.0.0.1:{}", p.port),
+                None => self.sched_addrs[j].clone(),
+            };
+            out.push_str(&format!("{} = \"{}\"\n", j + 1, addr));
+        }
+        out
+    }
+
+    /// Write scheduler `i`'s config (Raft id `i + 1`) for a cluster of
+    /// `members`; `join` for a node added later.
+    pub fn write_scheduler_config(&self, i: usize, members: usize, join: bool) -> Result<()> {
+        let port = self.sched_addrs[i]
+            .rsplit(':')
+            .next()
+            .unwrap_or("0")
+            .to_string();
+        std::fs::write(
+            self.path(&format!("scheduler-{i}.toml")),
+            format!(
+                "node_id = {}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_root = \"{}\"\n\
+                 agent_lease = \"5s\"\nheartbeat_interval = \"500ms\"\nraft_tick = \"50ms\"\n\
+                 election_ticks = 10\nheartbeat_ticks = 2\ncommit_timeout = \"2s\"\n\
+                 snapshot_entries = {}\njoin = {join}\n{}\n{}",
+                i + 1,
+                self.path(&format!("scheduler-{i}-data")).display(),
+                self.path("checkpoints").display(),
+                self.spec.snapshot_entries,
+                self.peers_toml(i, members),
+                self.spec.scheduler_toml,
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Add scheduler slots (addresses) for nodes to be joined later.
+    pub fn reserve_schedulers(&mut self, count: usize) {
+        for _ in 0..count {
+            self.sched_addrs
+                .push(format!("http://127.0.0.1:{}", free_port()));
+            self.schedulers.push(None);
+        }
+    }
+
+    /// Wait until some scheduler reports itself leader; returns its index.
+    pub fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        wait_for("a leader", timeout, || self.leader())
+    }
+
+    /// The index of the scheduler that says it is the leader, if any.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.sched_addrs.len()).find(|i| {
+            self.schedulers.get(*i).is_some_and(|c| c.is_some())
+                && self.admin_status(*i).is_some_and(|v| v["role"] == "leader")
+        })
+    }
+
+    /// Scheduler `i`'s own admin report (`muster admin status --json`, this member's row).
+    pub fn admin_status(&self, i: usize) -> Option<Value> {
+        let out = Command::new(binary("muster"))
+            .args(["--json", "--addr", &self.sched_addrs[i], "admin", "status"])
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["address"] == self.sched_addrs[i].as_str() && m["role"] != "unreachable")
+            .cloned()
+    }
+
+    /// Wait until every running scheduler has applied the same state.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<String> {
+        let mut last = String::new();
+        let r = wait_for("schedulers to converge", timeout, || {
+            let running: Vec<usize> = (0..self.schedulers.len())
+                .filter(|i| self.schedulers[*i].is_some())
+                .collect();
+            let reports: Vec<Value> = running
+                .iter()
+                .filter_map(|i| self.admin_status(*i))
+                .collect();
+            last = format!("{reports:?}");
+            if reports.len() != running.len() {
+                return None;
+            }
+            let digests: std::collections::BTreeSet<String> = reports
+                .iter()
+                .map(|r| format!("{}@{}", r["state_digest"], r["applied_index"]))
+                .collect();
+            (digests.len() == 1).then(|| digests.into_iter().next().unwrap_or_default())
+        });
+        r.map_err(|e| anyhow!("{e}; last: {last}"))
     }
 
     /// A path inside the cluster's folder.
@@ -179,12 +407,16 @@ impl Cluster {
         std::fs::write(
             self.path(&format!("agent-{i}.toml")),
             format!(
-                "node_name = \"{}\"\nschedulers = [\"{}\"]\nlisten = \"127.0.0.1:0\"\n\
+                "node_name = \"{}\"\nschedulers = [{}]\nlisten = \"127.0.0.1:0\"\n\
                  data_dir = \"{}\"\ncgroups = \"{cgroups}\"\ncgroup_parent = \"{}/agent-{i}\"\n\
                  allow_root_jobs = true\nkill_grace = \"{}\"\ncpu_millis = 16000\n\
                  memory_bytes = 17179869184\n[gpu]\nbackend = \"nvml\"\nlibrary_path = \"{}\"\n",
                 self.node_name(i),
-                self.addr,
+                self.sched_addrs
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 self.path(&format!("agent-{i}-data")).display(),
                 self.id,
                 self.spec.kill_grace,
@@ -228,26 +460,43 @@ impl Cluster {
         cmd.spawn().with_context(|| format!("starting {bin}"))
     }
 
-    /// Start (or restart) the scheduler and wait until it answers.
+    /// Start (or restart) the only scheduler and wait until it answers.
     pub fn start_scheduler(&mut self) -> Result<()> {
-        let child = self.spawn_logged(
-            "muster-scheduler",
-            &self.path("scheduler.toml"),
-            "scheduler.log",
-            &[],
-        )?;
-        self.scheduler = Some(child);
-        wait_for("the scheduler to answer", Duration::from_secs(20), || {
-            self.json(&["status"]).ok()
-        })?;
+        self.start_scheduler_node(0)?;
+        self.wait_leader(Duration::from_secs(20))?;
         Ok(())
     }
 
-    /// `kill -9` the scheduler.
+    /// Start (or restart) scheduler `i`.
+    pub fn start_scheduler_node(&mut self, i: usize) -> Result<()> {
+        let child = self.spawn_logged(
+            "muster-scheduler",
+            &self.path(&format!("scheduler-{i}.toml")),
+            &format!("scheduler-{i}.log"),
+            &[],
+        )?;
+        self.schedulers[i] = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` the only scheduler.
     pub fn kill_scheduler(&mut self) {
-        if let Some(mut c) = self.scheduler.take() {
+        self.kill_scheduler_node(0);
+    }
+
+    /// `kill -9` scheduler `i`.
+    pub fn kill_scheduler_node(&mut self, i: usize) {
+        if let Some(mut c) = self.schedulers[i].take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Whether scheduler `i`'s process has exited (it was started by us).
+    pub fn scheduler_exited(&mut self, i: usize) -> bool {
+        match self.schedulers[i].as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
         }
     }
 
@@ -339,7 +588,9 @@ impl Cluster {
     /// The last lines of every daemon log, for failure messages.
     pub fn log_tail(&self) -> String {
         let mut out = String::new();
-        let mut logs = vec!["scheduler.log".to_string()];
+        let mut logs: Vec<String> = (0..self.schedulers.len())
+            .map(|i| format!("scheduler-{i}.log"))
+            .collect();
         logs.extend((0..self.spec.agents).map(|i| format!("agent-{i}.log")));
         for l in logs {
             let text = std::fs::read_to_string(self.path(&l)).unwrap_or_default();
@@ -416,7 +667,9 @@ impl Drop for Cluster {
         for i in 0..self.agents.len() {
             self.kill_agent(i);
         }
-        self.kill_scheduler();
+        for i in 0..self.schedulers.len() {
+            self.kill_scheduler_node(i);
+        }
         self.kill_tasks();
         self.remove_cgroups();
     }

@@ -58,6 +58,13 @@ pub struct Gpu {
     pub numa_node: i32,
     /// False once the GPU stops answering (fell off the bus).
     pub healthy: bool,
+    /// GPUs of this host with equal `link_group` share the closest
+    /// interconnect NVML reports between them (the same board, PCIe switch
+    /// or NVLink island: `nvmlDeviceGetTopologyCommonAncestor` at
+    /// `INTERNAL`/`SINGLE`); the value is the lowest index in the group.
+    /// Where NVML cannot say, GPUs are grouped by NUMA node.
+    #[serde(default)]
+    pub link_group: u32,
 }
 
 /// A fault reported by a GPU.

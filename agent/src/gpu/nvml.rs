@@ -220,7 +220,46 @@ fn read_all(nvml: &Nvml, library: &Path, known: &[Gpu]) -> Result<Vec<Gpu>, GpuE
             }
         }
     }
+    assign_link_groups(nvml, &mut gpus);
     Ok(gpus)
+}
+
+/// Group GPUs that share a board, PCIe switch or NVLink island (common
+/// ancestor `INTERNAL` or `SINGLE`); each group is named by its lowest
+/// index. A pair NVML cannot judge falls back to "same NUMA node".
+fn assign_link_groups(nvml: &Nvml, gpus: &mut [Gpu]) {
+    use nvml_wrapper::enum_wrappers::device::TopologyLevel;
+    let n = gpus.len();
+    let mut group: Vec<usize> = (0..n).collect();
+    fn root(g: &mut [usize], mut i: usize) -> usize {
+        while g[i] != i {
+            g[i] = g[g[i]];
+            i = g[i];
+        }
+        i
+    }
+    for i in 0..n {
+        for j in i + 1..n {
+            let close = match (
+                nvml.device_by_index(gpus[i].index),
+                nvml.device_by_index(gpus[j].index),
+            ) {
+                (Ok(a), Ok(b)) => match a.topology_common_ancestor(b) {
+                    Ok(level) => matches!(level, TopologyLevel::Internal | TopologyLevel::Single),
+                    Err(_) => gpus[i].numa_node == gpus[j].numa_node,
+                },
+                _ => false,
+            };
+            if close {
+                let (a, b) = (root(&mut group, i), root(&mut group, j));
+                group[a.max(b)] = a.min(b);
+            }
+        }
+    }
+    for i in 0..n {
+        let r = root(&mut group, i);
+        gpus[i].link_group = gpus[r].index;
+    }
 }
 
 fn read_gpu(nvml: &Nvml, index: u32) -> Result<Gpu, ReadError> {
@@ -245,6 +284,7 @@ fn read_gpu(nvml: &Nvml, index: u32) -> Result<Gpu, ReadError> {
             .bus_id,
         numa_node: numa_node(&device).map_err(failed("nvmlDeviceGetMemoryAffinity", known))?,
         healthy: true,
+        link_group: index,
         uuid,
     })
 }

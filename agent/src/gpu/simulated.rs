@@ -43,6 +43,12 @@ impl SimulatedInventory {
                 pci_bus_id: format!("{:08X}:{:02X}:00.0", index / 256, index % 256),
                 numa_node: numa_node(index, count),
                 healthy: true,
+                // Two simulated NVLink islands, one per NUMA node.
+                link_group: if numa_node(index, count) == 0 {
+                    0
+                } else {
+                    count.div_ceil(2)
+                },
             })
             .collect();
         Ok(Self { gpus })

@@ -37,6 +37,51 @@ pub async fn show(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints why a job is not running (or how it ended): the planner's verdict.
+pub async fn why(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
+    let mut scheduler = ctx.scheduler().await?;
+    let job = scheduler.get_job(id).await?;
+    if ctx.json() {
+        return json::print(&serde_json::json!({
+            "id": job.id,
+            "state": job_state_name(job.state),
+            "queue_position": (job.queue_position > 0).then_some(job.queue_position),
+            "reason": job.reason,
+        }));
+    }
+    println!("{}", why_text(&job));
+    Ok(())
+}
+
+/// One line: the job, its state, and the reason.
+pub fn why_text(job: &JobInfo) -> String {
+    let state = state_of(job);
+    let spec = job.spec.clone().unwrap_or_default();
+    let head = format!(
+        "job {} ({}, tenant {}, priority {})",
+        job.id,
+        job_state_name(job.state),
+        spec.tenant,
+        or_dash(&job.priority)
+    );
+    match state {
+        JobState::Pending => format!(
+            "{head}: position {} in the queue; {}",
+            job.queue_position,
+            or_dash(&job.reason)
+        ),
+        JobState::Placed | JobState::Running => {
+            let borrowed = if job.borrowed {
+                " on borrowed capacity (may be reclaimed)"
+            } else {
+                ""
+            };
+            format!("{head}: running{borrowed}")
+        }
+        _ => format!("{head}: {}", or_dash(&job.reason)),
+    }
+}
+
 /// Cancels a job and prints its new state.
 pub async fn cancel(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
     let user = current_user()?;
@@ -114,9 +159,11 @@ fn nodes_or_reason(job: &JobInfo) -> String {
 pub fn queue_table(jobs: &[JobInfo], now: i64) -> Table {
     let mut table = Table::new(&[
         "ID",
+        "POS",
         "NAME",
         "USER",
         "TENANT",
+        "PRIORITY",
         "STATE",
         "TASKS",
         "GPUS",
@@ -126,11 +173,17 @@ pub fn queue_table(jobs: &[JobInfo], now: i64) -> Table {
     for job in jobs {
         let spec = spec_of(job);
         let gpus = u64::from(spec.tasks) * u64::from(spec.gpus_per_task);
+        let pos = match job.queue_position {
+            0 => "-".to_string(),
+            p => p.to_string(),
+        };
         table.row(vec![
             job.id.to_string(),
+            pos,
             spec.name,
             job.user.clone(),
             spec.tenant,
+            or_dash(&job.priority),
             job_state_name(job.state),
             spec.tasks.to_string(),
             gpus.to_string(),
@@ -185,8 +238,14 @@ fn job_fields(job: &JobInfo, now: i64) -> Vec<(&'static str, String)> {
         ("Tenant", spec.tenant.clone()),
         ("State", job_state_name(job.state)),
     ];
+    if !job.priority.is_empty() {
+        fields.push(("Priority", job.priority.clone()));
+    }
     if job.queue_position > 0 {
         fields.push(("Queue position", job.queue_position.to_string()));
+    }
+    if job.borrowed {
+        fields.push(("Borrowed", "yes: beyond the tenant's guarantee".to_string()));
     }
     fields.extend([
         ("Reason", or_dash(&job.reason)),
@@ -284,6 +343,24 @@ mod tests {
     }
 
     #[test]
+    fn why_says_position_and_verdict() {
+        let mut pending = job(7, JobState::Pending, 3);
+        pending.priority = "high".into();
+        pending.reason = "waiting for the preemption of job 2".into();
+        let text = why_text(&pending);
+        assert!(text.starts_with("job 7 (pending, tenant "), "{text}");
+        assert!(
+            text.ends_with(
+                "priority high): position 3 in the queue; waiting for the preemption of job 2"
+            ),
+            "{text}"
+        );
+        let mut running = job(8, JobState::Running, 0);
+        running.borrowed = true;
+        assert!(why_text(&running).contains("on borrowed capacity"));
+    }
+
+    #[test]
     fn queue_table_shows_reason_or_nodes() {
         let mut pending = job(1, JobState::Pending, 1);
         pending.reason = "waiting for 8 GPUs".into();
@@ -301,7 +378,8 @@ mod tests {
         ];
         let text = queue_table(&[running, pending], 253_000).render();
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("ID  NAME  USER"), "{text}");
+        assert!(lines[0].starts_with("ID  POS  NAME  USER"), "{text}");
+        assert!(lines[2].starts_with("1   1  "), "queue position: {text}");
         assert!(
             lines[1].contains("running") && lines[1].ends_with("3m12s  n1,n2"),
             "{text}"

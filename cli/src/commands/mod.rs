@@ -4,15 +4,17 @@
 //! RPCs through [`crate::client::Scheduler`], then print either a table or a
 //! [`crate::json`] shape. They return `anyhow::Result`; `main` prints the error.
 
+mod admin;
 mod cluster;
 mod jobs;
 mod logs;
 mod nodes;
 mod submit;
+mod tenant;
 
 use anyhow::Context as _;
 
-use crate::args::{Cli, Command, GlobalArgs, TenantCommand};
+use crate::args::{AdminCommand, Cli, Command, GlobalArgs, PeersCommand};
 use crate::client::Scheduler;
 use crate::config;
 
@@ -58,8 +60,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs(args) => logs::run(&ctx, args).await,
         Command::Nodes(args) => nodes::run(&ctx, args).await,
         Command::Status => cluster::status(&ctx).await,
-        Command::Tenant(TenantCommand::Create(args)) => cluster::tenant_create(&ctx, args).await,
-        Command::Tenant(TenantCommand::List) => cluster::tenant_list(&ctx).await,
+        Command::Why(args) => jobs::why(&ctx, args.job).await,
+        Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
+        Command::Admin(AdminCommand::Status) => admin::status(&ctx).await,
+        Command::Admin(AdminCommand::Peers(PeersCommand::List)) => admin::status(&ctx).await,
+        Command::Admin(AdminCommand::Peers(PeersCommand::Add(a))) => {
+            admin::change(
+                &ctx,
+                muster_proto::change_peers_request::Op::Add,
+                a.id,
+                a.peer_addr,
+            )
+            .await
+        }
+        Command::Admin(AdminCommand::Peers(PeersCommand::Remove(a))) => {
+            admin::change(
+                &ctx,
+                muster_proto::change_peers_request::Op::Remove,
+                a.id,
+                String::new(),
+            )
+            .await
+        }
         Command::Dev(args) => crate::dev::run(args).await,
     }
 }

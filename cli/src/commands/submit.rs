@@ -18,6 +18,7 @@ pub async fn run(ctx: &Ctx, args: SubmitArgs) -> anyhow::Result<()> {
     let request = SubmitRequest {
         spec: Some(spec),
         user,
+        request_id: String::new(),
     };
     let id = scheduler.submit(request).await?;
     if ctx.json() {
@@ -54,6 +55,9 @@ fn flag_spec(args: SubmitArgs) -> Result<PartialSpec, SpecError> {
     Ok(PartialSpec {
         name: args.name,
         tenant: args.tenant,
+        priority: args.priority,
+        same: args.same,
+        prefer_same: args.prefer_same,
         tasks: args.tasks,
         gpus: args.gpus,
         cpu_millis: args.cpus,

@@ -42,6 +42,11 @@ impl AgentApi for AgentService {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Out>, Status> {
+        let st = self.ctx.raft.status().borrow().clone();
+        if !st.is_leader {
+            // Leases live in the leader's memory: agents talk to the leader.
+            return Err(not_leader(&self.ctx, st.leader));
+        }
         let mut inbound = req.into_inner();
         let first = inbound
             .next()
@@ -89,6 +94,11 @@ async fn run_session(
     let mut status = ctx.raft.status();
     let mut last_sent: Option<Vec<pb::TaskAssignment>> = None;
     loop {
+        let st = status.borrow().clone();
+        if !st.is_leader {
+            let _ = tx.send(Err(not_leader(&ctx, st.leader))).await;
+            break;
+        }
         let desired = {
             let state = ctx.raft.state();
             desired_for_node(&state, &node, &ctx.cfg.checkpoint_root)
@@ -123,6 +133,24 @@ async fn run_session(
         }
     }
     tracing::info!(node = %node, "agent session ended");
+}
+
+/// Header naming the leader's address on a "not the leader" answer.
+pub const LEADER_HEADER: &str = "muster-leader";
+
+/// `Unavailable`, with the leader's address in a header when it is known.
+pub fn not_leader(ctx: &Ctx, leader: u64) -> Status {
+    let addr = (leader != 0).then(|| ctx.raft.address_of(leader)).flatten();
+    let msg = match (&addr, leader) {
+        (Some(a), l) => format!("this scheduler is not the leader; the leader is node {l} at {a}"),
+        (None, 0) => "this scheduler is not the leader and no leader is known".to_string(),
+        (None, l) => format!("this scheduler is not the leader; the leader is node {l}"),
+    };
+    let mut status = Status::unavailable(msg);
+    if let Some(a) = addr.and_then(|a| a.parse().ok()) {
+        status.metadata_mut().insert(LEADER_HEADER, a);
+    }
+    status
 }
 
 async fn handle_message(ctx: &Ctx, m: pb::AgentMessage) -> Result<(), Status> {

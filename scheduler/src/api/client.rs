@@ -1,7 +1,7 @@
 //! The `Muster` client API.
 
-use super::{convert, now_ms, Ctx};
-use crate::model::{JobId, JobState, Tenant};
+use super::{convert, now_ms, tenants, Ctx};
+use crate::model::{JobId, JobState};
 use crate::planner;
 use crate::state::{ApplyResult, Command};
 use muster_proto as pb;
@@ -30,17 +30,34 @@ impl ClientApi {
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
         let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
+        let policy = self.ctx.cfg.scheduling.policy();
         let position = if job.state == JobState::Pending {
-            state.pending.range(..id).count() as u32 + 1
+            planner::queue_order(&state, &policy)
+                .iter()
+                .position(|j| *j == id)
+                .map_or(0, |p| p as u32 + 1)
         } else {
             0
         };
-        Ok(convert::job_to_pb(
+        let mut info = convert::job_to_pb(
             &state,
             job,
             verdicts.get(&id).map(|v| v.to_string()).as_deref(),
             position,
-        ))
+        );
+        info.priority = policy.class_name(&info.priority).to_string();
+        Ok(info)
+    }
+}
+
+impl ClientApi {
+    fn tenant_info(&self, name: &str) -> Result<pb::TenantInfo, Status> {
+        let state = self.ctx.raft.state();
+        let t = state
+            .tenants
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("tenant {name} not found")))?;
+        Ok(tenants::tenant_info(&state, t))
     }
 }
 
@@ -65,10 +82,16 @@ impl Muster for ClientApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec = convert::spec_from_pb(spec)?;
+        self.ctx
+            .cfg
+            .scheduling
+            .check_class(&spec.priority)
+            .map_err(Status::invalid_argument)?;
         let cmd = Command::Submit {
             spec,
             user: req.user,
             at_ms: now_ms(),
+            request_id: Some(req.request_id).filter(|k| !k.is_empty() && k.len() <= 128),
         };
         match self.ctx.propose(cmd).await? {
             ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0 })),
@@ -116,8 +139,12 @@ impl Muster for ClientApi {
         let all = req.into_inner().all;
         let state = self.ctx.raft.state();
         let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
+        let policy = self.ctx.cfg.scheduling.policy();
         let mut jobs = Vec::new();
-        for (pos, id) in planner::queue_order(&state).into_iter().enumerate() {
+        for (pos, id) in planner::queue_order(&state, &policy)
+            .into_iter()
+            .enumerate()
+        {
             if let Some(j) = state.jobs.get(&id) {
                 let reason = verdicts.get(&id).map(|v| v.to_string());
                 jobs.push(convert::job_to_pb(
@@ -132,6 +159,9 @@ impl Muster for ClientApi {
             if j.state != JobState::Pending && (all || !j.state.is_terminal()) {
                 jobs.push(convert::job_to_pb(&state, j, None, 0));
             }
+        }
+        for j in &mut jobs {
+            j.priority = policy.class_name(&j.priority).to_string();
         }
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -162,16 +192,8 @@ impl Muster for ClientApi {
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::TenantInfo>, Status> {
         let req = req.into_inner();
-        let tenant = Tenant {
-            name: req.name.clone(),
-            gpu_limit: Some(req.gpu_limit).filter(|l| *l > 0),
-        };
-        self.ctx.propose(Command::CreateTenant { tenant }).await?;
-        Ok(Response::new(pb::TenantInfo {
-            name: req.name,
-            gpu_limit: req.gpu_limit,
-            gpus_in_use: 0,
-        }))
+        self.ctx.propose(tenants::create_command(&req)).await?;
+        self.tenant_info(&req.name).map(Response::new)
     }
 
     async fn list_tenants(
@@ -182,13 +204,27 @@ impl Muster for ClientApi {
         let tenants = state
             .tenants
             .values()
-            .map(|t| pb::TenantInfo {
-                name: t.name.clone(),
-                gpu_limit: t.gpu_limit.unwrap_or(0),
-                gpus_in_use: state.tenant_gpus_in_use(&t.name),
-            })
+            .map(|t| tenants::tenant_info(&state, t))
             .collect();
         Ok(Response::new(pb::ListTenantsResponse { tenants }))
+    }
+
+    async fn update_tenant(
+        &self,
+        req: Request<pb::UpdateTenantRequest>,
+    ) -> Result<Response<pb::TenantInfo>, Status> {
+        let req = req.into_inner();
+        self.ctx.propose(tenants::update_command(&req)).await?;
+        self.tenant_info(&req.name).map(Response::new)
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        let name = req.into_inner().name;
+        self.ctx.propose(Command::DeleteTenant { name }).await?;
+        Ok(Response::new(pb::DeleteTenantResponse {}))
     }
 
     async fn status(

@@ -35,12 +35,22 @@ pub fn spec_from_pb(s: pb::JobSpec) -> Result<JobSpec, Status> {
             )));
         }
     }
-    let tenant = if s.tenant.is_empty() {
-        crate::state::DEFAULT_TENANT.to_string()
-    } else {
-        s.tenant
-    };
+    // An empty tenant means the user's default tenant (resolved at apply).
+    let tenant = s.tenant;
+    if s.topology_label.is_empty() && s.topology_required {
+        return Err(Status::invalid_argument(
+            "topology_required: needs topology_label",
+        ));
+    }
+    let topology = Some(s.topology_label)
+        .filter(|l| !l.is_empty())
+        .map(|label| crate::model::TopologySpec {
+            label,
+            required: s.topology_required,
+        });
     Ok(JobSpec {
+        priority: s.priority,
+        topology,
         name: s.name,
         tenant,
         tasks: s.tasks,
@@ -71,6 +81,13 @@ pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
         env: s.env.clone().into_iter().collect(),
         workdir: s.workdir.clone(),
         checkpoint_dir: s.checkpoint_dir.clone().unwrap_or_default(),
+        priority: s.priority.clone(),
+        topology_label: s
+            .topology
+            .as_ref()
+            .map(|t| t.label.clone())
+            .unwrap_or_default(),
+        topology_required: s.topology.as_ref().is_some_and(|t| t.required),
     }
 }
 
@@ -84,6 +101,7 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
         JobState::TimedOut => pb::JobState::TimedOut,
+        JobState::Preempting => pb::JobState::Preempting,
     }
 }
 
@@ -147,6 +165,8 @@ pub fn job_to_pb(state: &State, j: &Job, reason: Option<&str>, position: u32) ->
         reason,
         restart_count: j.restart_count,
         queue_position: position,
+        priority: j.spec.priority.clone(),
+        borrowed: j.alloc.as_ref().is_some_and(|a| a.borrowed),
     }
 }
 
@@ -186,6 +206,7 @@ fn gpu_to_pb(g: &GpuRecord) -> pb::GpuInfo {
         numa_node: g.numa_node,
         healthy: g.healthy,
         allocated_to: 0,
+        link_group: g.link_group,
     }
 }
 
@@ -208,6 +229,7 @@ pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<T
             pci_bus_id: g.pci_bus_id.clone(),
             numa_node: g.numa_node,
             healthy: g.healthy,
+            link_group: g.link_group,
         })
         .collect();
     let running = r

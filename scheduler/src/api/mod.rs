@@ -14,9 +14,12 @@
 // would only be undone at the trait boundary.
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod convert;
+pub mod peer;
+pub mod tenants;
 
 use crate::config::SchedulerConfig;
 use crate::model::JobId;

@@ -51,6 +51,19 @@ pub struct JobSpec {
     pub workdir: String,
     /// Explicit checkpoint directory; `None` means `<checkpoint_root>/<job id>`.
     pub checkpoint_dir: Option<String>,
+    /// Priority class name (scheduler config); empty means the default class.
+    pub priority: String,
+    /// Keep the gang's nodes under one value of a node label (block, rack, switch).
+    pub topology: Option<TopologySpec>,
+}
+
+/// A job's request to keep its nodes together under one node-label value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologySpec {
+    /// The node label, e.g. `block`, `rack` or `switch`.
+    pub label: String,
+    /// `true`: the gang waits rather than span label values; `false`: only preferred.
+    pub required: bool,
 }
 
 /// The lifecycle of a job.
@@ -63,6 +76,9 @@ pub enum JobState {
     Failed,
     Cancelled,
     TimedOut,
+    /// Chosen as a preemption victim: its tasks are being stopped, and the
+    /// job goes back to pending (restart count + 1) once they have exited.
+    Preempting,
 }
 
 impl JobState {
@@ -84,6 +100,7 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
             JobState::TimedOut => "timed-out",
+            JobState::Preempting => "preempting",
         }
     }
 }
@@ -165,6 +182,8 @@ pub struct Allocation {
     /// Port for `MASTER_PORT` on the rank-0 node.
     pub master_port: u16,
     pub tasks: Vec<TaskStatus>,
+    /// Placed (partly) beyond its tenant's guarantee: first to be reclaimed.
+    pub borrowed: bool,
 }
 
 /// A job and everything the cluster knows about it.
@@ -181,6 +200,8 @@ pub struct Job {
     pub reason: String,
     pub restart_count: u32,
     pub alloc: Option<Allocation>,
+    /// While preempting: the job it makes room for.
+    pub preempted_for: Option<JobId>,
 }
 
 impl Job {
@@ -201,6 +222,10 @@ pub struct GpuRecord {
     pub pci_bus_id: String,
     pub numa_node: i32,
     pub healthy: bool,
+    /// GPUs of one node with the same group share the closest interconnect
+    /// the agent found (an NVLink island, else a PCIe switch, else a NUMA
+    /// node); the planner keeps a task's GPUs in one group when it can.
+    pub link_group: u32,
 }
 
 /// Whether a node takes work.
@@ -235,10 +260,47 @@ pub struct Node {
     pub registered_at_ms: i64,
 }
 
-/// A tenant: who jobs are charged to.
+/// A tenant: who jobs are charged to. Tenants form a tree by name
+/// (`org/team/...`); limits hold on every ancestor, guarantees add up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
     pub name: String,
-    /// Most GPUs the tenant's running jobs may hold; `None` is unlimited.
+    /// GPUs the tenant may always have back, reclaiming borrowed ones.
+    pub guarantee_gpus: u32,
+    /// Most GPUs the tenant's (and its children's) jobs may hold, borrowing
+    /// included; `None` is unlimited.
     pub gpu_limit: Option<u32>,
+    /// Most CPUs (millis) the subtree may hold; `None` is unlimited.
+    pub cpu_limit_millis: Option<u64>,
+    /// Most memory (bytes) the subtree may hold; `None` is unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    /// Fair-share weight among its siblings (at least 1).
+    pub weight: u32,
+    /// Users who may submit to it; empty means anyone.
+    pub members: std::collections::BTreeSet<String>,
+}
+
+impl Tenant {
+    /// A tenant with no guarantee, no limits, weight 1 and no member list.
+    pub fn open(name: &str) -> Tenant {
+        Tenant {
+            name: name.to_string(),
+            guarantee_gpus: 0,
+            gpu_limit: None,
+            cpu_limit_millis: None,
+            memory_limit_bytes: None,
+            weight: 1,
+            members: Default::default(),
+        }
+    }
+
+    /// The parent's name (`ml` for `ml/nlp`), if any.
+    pub fn parent_of(name: &str) -> Option<&str> {
+        name.rsplit_once('/').map(|(p, _)| p)
+    }
+
+    /// `name` and its ancestors, nearest first: `ml/nlp/x`, `ml/nlp`, `ml`.
+    pub fn lineage(name: &str) -> impl Iterator<Item = &str> {
+        std::iter::successors(Some(name), |n| Tenant::parent_of(n))
+    }
 }

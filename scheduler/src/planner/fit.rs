@@ -30,17 +30,17 @@ pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
     if spec.time_limit_secs == Some(0) {
         return Err("time limit must be greater than 0".into());
     }
-    let Some(tenant) = state.tenants.get(&spec.tenant) else {
+    if !state.tenants.contains_key(&spec.tenant) {
         return Err(format!("unknown tenant {:?}", spec.tenant));
-    };
-    let total = spec.tasks.saturating_mul(spec.per_task.gpus);
-    if let Some(limit) = tenant.gpu_limit {
-        if total > limit {
-            return Err(format!(
-                "job needs {total} GPUs but tenant {} is limited to {limit}",
-                tenant.name
-            ));
-        }
+    }
+    let nothing = |_: &str| crate::state::TenantUse::default();
+    if let Err(b) = super::quota::check(
+        &state.tenants,
+        nothing,
+        &spec.tenant,
+        super::quota::need_of(spec),
+    ) {
+        return Err(format!("job can never start: {b}"));
     }
     if !state.nodes.is_empty()
         && !state
@@ -200,20 +200,17 @@ fn check_task<'a>(
     Ok(())
 }
 
-/// Whether the tenant's limit leaves room for the whole gang.
+/// Whether the limits of the job's tenant and of every ancestor leave room
+/// for the whole gang.
 pub fn check_tenant_room(state: &State, spec: &JobSpec) -> Result<(), String> {
-    let Some(tenant) = state.tenants.get(&spec.tenant) else {
+    if !state.tenants.contains_key(&spec.tenant) {
         return Err(format!("unknown tenant {:?}", spec.tenant));
-    };
-    if let Some(limit) = tenant.gpu_limit {
-        let used = state.tenant_gpus_in_use(&spec.tenant);
-        let need = spec.tasks.saturating_mul(spec.per_task.gpus);
-        if used.saturating_add(need) > limit {
-            return Err(format!(
-                "tenant {} at its limit: {used} of {limit} GPUs in use, job needs {need}",
-                tenant.name
-            ));
-        }
     }
-    Ok(())
+    super::quota::check(
+        &state.tenants,
+        |t| state.tenant_use(t),
+        &spec.tenant,
+        super::quota::need_of(spec),
+    )
+    .map_err(|b| b.to_string())
 }

@@ -1,207 +1,361 @@
-//! The planner: a pure function from a read-only view of the state (and
-//! `now`) to a [`Plan`].
+//! The planner: a pure function from a read-only view of the state, the
+//! scheduling [`Policy`] and `now` to a [`Plan`].
 //!
-//! Only the leader runs it. The plan goes through the Raft log as
-//! `Command::ApplyPlan`, and `apply` re-checks every gang with the same
-//! [`fit`] functions, so a plan computed on a state that has since moved on
-//! can be rejected but never over-commit anything.
+//! Only the leader runs it. The plan goes through the Raft log
+//! (`Command::ApplyPlan`, `Command::Preempt`), and `apply` re-checks every
+//! gang with the same [`fit`] and [`quota`] functions, so a plan computed on
+//! a state that has since moved on can be rejected but never over-commit a
+//! GPU or a quota.
 //!
-//! Placement is all or nothing per gang. Pending jobs are taken in queue
-//! order (submission order for now); each gang is packed onto as few nodes as
-//! first fit allows: a node takes as many of the gang's tasks as it can
-//! before the next node is tried. A job that does not fit gets a [`Verdict`]
-//! saying why, in words the CLI prints as-is — a rejection is data, not an
-//! error. The planner imports nothing async and does no I/O.
+//! One pass, in [`queue`] order (priority class, then hierarchical fair
+//! share, then age), takes each pending gang and:
+//!
+//! 1. checks the limits of its tenant and every ancestor ([`quota`]);
+//! 2. places it all or nothing, topology-aware and best fit
+//!    ([`placement`]), on nodes it may use;
+//! 3. if there is no room, tries to make room by preempting whole gangs of
+//!    lower priority or borrowed capacity ([`preempt`]);
+//! 4. else reserves the nodes it will get when running jobs reach their
+//!    time limits ([`backfill`]); smaller jobs behind it may start only if
+//!    they end before that.
+//!
+//! Every job that does not start gets a [`Verdict`] in words the CLI prints
+//! as-is (`muster why`): a rejection is data, not an error. The planner
+//! imports nothing async, does no I/O and reads no clock.
 
+pub mod backfill;
 pub mod fit;
+pub mod placement;
+pub mod preempt;
+pub mod queue;
+pub mod quota;
+mod verdict;
 
-use crate::model::{JobId, Resources, TaskPlacement};
-use crate::state::{NodeUsage, Placement, State};
-use std::collections::BTreeMap;
+pub use verdict::{format_time, Verdict};
 
-/// Why a pending job was not placed in this pass.
+use crate::model::{Job, JobId, JobState};
+use crate::state::{Placement, PreemptOrder, State, TenantUse};
+use placement::{Cluster, Miss, Req, FOREVER};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The scheduling policy: what the scheduler's config says, as data.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// No node is ready.
-    NoNodes,
-    /// The tenant's limit would be exceeded.
-    TenantLimit(String),
-    /// Not enough free room right now.
-    NoRoom {
-        tasks: u32,
-        per_task: Resources,
-        slots_free: u32,
-    },
+pub struct Policy {
+    /// Priority class name → weight (higher goes first and may preempt).
+    pub classes: BTreeMap<String, u32>,
+    /// Class of jobs that name none.
+    pub default_class: String,
+    /// How many blocked gangs per pass get a reservation.
+    pub reservations: usize,
+    /// Whether the planner may preempt at all.
+    pub preemption: bool,
+    /// How many blocked gangs per pass may preempt.
+    pub preemptors: usize,
+    /// A gang that has run less than this is never a victim.
+    pub min_runtime_ms: i64,
 }
 
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Verdict::NoNodes => write!(f, "no ready nodes"),
-            Verdict::TenantLimit(s) => write!(f, "{s}"),
-            Verdict::NoRoom {
-                tasks,
-                per_task,
-                slots_free,
-            } => write!(
-                f,
-                "needs {tasks} task(s) of {} GPU(s), {} CPU(s), {} MiB; room for {slots_free} now",
-                per_task.gpus,
-                f64::from(per_task.cpu_millis) / 1000.0,
-                per_task.memory_bytes >> 20
-            ),
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            classes: [("low", 50), ("normal", 100), ("high", 200)]
+                .into_iter()
+                .map(|(n, w)| (n.to_string(), w))
+                .collect(),
+            default_class: "normal".into(),
+            reservations: 8,
+            preemption: true,
+            preemptors: 4,
+            min_runtime_ms: 10 * 60 * 1000,
         }
     }
+}
+
+impl Policy {
+    /// The weight of a class name (empty or unknown: the default class's).
+    pub fn weight(&self, class: &str) -> u32 {
+        self.classes
+            .get(class)
+            .or_else(|| self.classes.get(&self.default_class))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The class a job runs in, by name.
+    pub fn class_name<'a>(&'a self, class: &'a str) -> &'a str {
+        if self.classes.contains_key(class) {
+            class
+        } else {
+            &self.default_class
+        }
+    }
+}
+
+/// A gang held back so that it can start at `start_ms` on `nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub job: JobId,
+    /// `i64::MAX` when it waits on jobs without a time limit.
+    pub start_ms: i64,
+    pub nodes: Vec<String>,
 }
 
 /// The planner's output.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub placements: Vec<Placement>,
+    pub preemptions: Vec<PreemptOrder>,
+    pub reservations: Vec<Reservation>,
     /// Every pending job that was not placed, and why.
     pub verdicts: BTreeMap<JobId, Verdict>,
+    /// The queue order this pass used.
+    pub order: Vec<JobId>,
 }
 
-/// Compute a plan for the pending jobs of `state`.
-pub fn plan(state: &State) -> Plan {
-    let mut out = Plan::default();
-    let ready: Vec<&crate::model::Node> = state
-        .nodes
-        .values()
-        .filter(|n| n.state == crate::model::NodeState::Ready)
-        .collect();
-    let mut usage: BTreeMap<&str, NodeUsage> = ready
-        .iter()
-        .map(|n| (n.name.as_str(), state.node_usage(&n.name)))
-        .collect();
-    let mut tenant_use: BTreeMap<&str, u32> = BTreeMap::new();
-    for id in queue_order(state) {
+/// Compute a plan for the pending jobs of `state` at `now_ms`.
+pub fn plan(state: &State, policy: &Policy, now_ms: i64) -> Plan {
+    let mut pass = Pass {
+        state,
+        policy,
+        now_ms,
+        cl: Cluster::new(state),
+        used: state.tenant_use.clone(),
+        timeline: None,
+        taken: BTreeSet::new(),
+        out: Plan::default(),
+        preemptors: 0,
+        reserve_tries: 0,
+        lowest_running: state
+            .active
+            .iter()
+            .filter_map(|id| state.jobs.get(id))
+            .map(|j| policy.weight(&j.spec.priority))
+            .min(),
+    };
+    let mut waiting: BTreeMap<JobId, Vec<&Job>> = BTreeMap::new();
+    for j in state.active.iter().filter_map(|id| state.jobs.get(id)) {
+        if let (JobState::Preempting, Some(f)) = (j.state, j.preempted_for) {
+            waiting.entry(f).or_default().push(j);
+        }
+    }
+    let order = queue::order(state, policy);
+    for &id in &order {
         let Some(job) = state.jobs.get(&id) else {
             continue;
         };
-        if ready.is_empty() {
-            out.verdicts.insert(id, Verdict::NoNodes);
-            continue;
+        if let Some(v) = pass.consider(job, waiting.get(&id).map(Vec::as_slice)) {
+            pass.out.verdicts.insert(id, v);
         }
-        let tenant = job.spec.tenant.as_str();
-        let extra = *tenant_use.get(tenant).unwrap_or(&0);
-        if let Err(why) = tenant_room(state, &job.spec, extra) {
-            out.verdicts.insert(id, Verdict::TenantLimit(why));
-            continue;
+    }
+    pass.out.order = order;
+    pass.out
+}
+
+struct Pass<'a> {
+    state: &'a State,
+    policy: &'a Policy,
+    now_ms: i64,
+    cl: Cluster<'a>,
+    used: BTreeMap<String, TenantUse>,
+    timeline: Option<backfill::Timeline>,
+    taken: BTreeSet<JobId>,
+    out: Plan,
+    preemptors: usize,
+    /// Gangs that tried for a reservation (each try replays the timeline).
+    reserve_tries: usize,
+    /// The lowest priority weight among running jobs (who could be preempted).
+    lowest_running: Option<u32>,
+}
+
+impl Pass<'_> {
+    /// Place one job, or say why not.
+    fn consider(&mut self, job: &Job, victims: Option<&[&Job]>) -> Option<Verdict> {
+        if self.cl.is_empty() {
+            return Some(Verdict::NoNodes);
         }
-        match place_gang(&ready, &mut usage, id, job.spec.tasks, &job.spec.per_task) {
-            Ok(tasks) => {
-                *tenant_use.entry(tenant).or_default() += job.total_gpus();
-                out.placements.push(Placement { job: id, tasks });
+        let need = quota::need_of(&job.spec);
+        let used = &self.used;
+        let check = quota::check(
+            &self.state.tenants,
+            |t| used.get(t).copied().unwrap_or_default(),
+            &job.spec.tenant,
+            need,
+        );
+        if let Err(b) = check {
+            return Some(Verdict::TenantLimit(b));
+        }
+        let req = Req {
+            tasks: job.spec.tasks,
+            per_task: job.spec.per_task,
+        };
+        let end = backfill::end_of(self.now_ms, job.spec.time_limit_secs);
+        let topo = job.spec.topology.as_ref();
+        let miss = match self.cl.pick(&req, topo, end) {
+            Ok(picks) => {
+                self.place(job, &req, &picks, end, need);
+                return None;
             }
-            Err(slots_free) => {
-                out.verdicts.insert(
-                    id,
-                    Verdict::NoRoom {
-                        tasks: job.spec.tasks,
-                        per_task: job.spec.per_task,
-                        slots_free,
-                    },
-                );
+            Err(m) => m,
+        };
+        if let Some(vs) = victims {
+            self.hold_nodes_of(vs);
+            return Some(Verdict::WaitingForPreemption(
+                vs.iter().map(|v| v.id).collect(),
+            ));
+        }
+        if let Some(v) = self.behind_reservation(&req, topo) {
+            return Some(v);
+        }
+        if let Some(v) = self.try_preempt(job) {
+            return Some(v);
+        }
+        if let Some(v) = self.try_reserve(job, &req) {
+            return Some(v);
+        }
+        Some(match miss {
+            Miss::Room(room) => Verdict::NoRoom {
+                tasks: req.tasks,
+                per_task: req.per_task,
+                slots_free: room,
+            },
+            Miss::Group { label, best } => Verdict::NoRoomInGroup {
+                tasks: req.tasks,
+                per_task: req.per_task,
+                label,
+                best,
+            },
+        })
+    }
+
+    fn place(&mut self, job: &Job, req: &Req, picks: &[(u32, u32)], end: i64, need: TenantUse) {
+        let tasks = self.cl.commit(req, picks);
+        if let Some(tl) = self.timeline.as_mut() {
+            for t in &tasks {
+                tl.add(&self.cl, end, t);
+            }
+        }
+        for name in crate::model::Tenant::lineage(&job.spec.tenant) {
+            let e = self.used.entry(name.to_string()).or_default();
+            *e = e.plus(need);
+        }
+        self.out.placements.push(Placement { job: job.id, tasks });
+    }
+
+    /// A job that would fit if it could use reserved nodes waits for them.
+    fn behind_reservation(
+        &self,
+        req: &Req,
+        topo: Option<&crate::model::TopologySpec>,
+    ) -> Option<Verdict> {
+        let first = self.out.reservations.first()?;
+        if self.cl.room_ignoring_reservations(&req.per_task) < req.tasks {
+            return None;
+        }
+        let everything: Vec<placement::Cand> = (0..self.cl.nodes.len() as u32)
+            .map(|i| {
+                let s = &self.cl.slots[i as usize];
+                placement::Cand {
+                    node: i,
+                    fits: s.tasks_fit(&req.per_task),
+                    free: s.free.count_ones(),
+                }
+            })
+            .filter(|c| c.fits > 0)
+            .collect();
+        placement::choose_topo(&self.cl.nodes, everything, req.tasks, topo).ok()?;
+        Some(Verdict::BehindReservation {
+            job: first.job,
+            start_ms: first.start_ms,
+        })
+    }
+
+    fn try_preempt(&mut self, job: &Job) -> Option<Verdict> {
+        if !self.policy.preemption || self.preemptors >= self.policy.preemptors {
+            return None;
+        }
+        // Cheap filters first: a victim needs a lower priority, or the job's
+        // tenant must be below its guarantee.
+        let outranks = self
+            .lowest_running
+            .is_some_and(|w| w < self.policy.weight(&job.spec.priority));
+        let guarantee = self
+            .state
+            .tenants
+            .get(&job.spec.tenant)
+            .map_or(0, |t| t.guarantee_gpus);
+        let held = self.used.get(&job.spec.tenant).map_or(0, |u| u.gpus);
+        let reclaims = held.saturating_add(job.total_gpus()) <= guarantee;
+        if !outranks && !reclaims {
+            return None;
+        }
+        self.preemptors += 1;
+        let (orders, picks) = preempt::find(
+            self.state,
+            self.policy,
+            &self.cl,
+            job,
+            &self.used,
+            &self.taken,
+            self.now_ms,
+        )?;
+        for (i, _) in &picks {
+            self.cl.reserve(*i, FOREVER);
+        }
+        let ids: Vec<JobId> = orders.iter().map(|o| o.victim).collect();
+        self.taken.extend(ids.iter().copied());
+        self.out.preemptions.extend(orders);
+        Some(Verdict::WaitingForPreemption(ids))
+    }
+
+    fn try_reserve(&mut self, job: &Job, req: &Req) -> Option<Verdict> {
+        if self.reserve_tries >= self.policy.reservations {
+            return None;
+        }
+        self.reserve_tries += 1;
+        let (state, cl, now) = (self.state, &self.cl, self.now_ms);
+        let tl = self
+            .timeline
+            .get_or_insert_with(|| backfill::Timeline::new(state, cl, now));
+        let (start, picks) = tl.reserve(&self.cl, req, job.spec.topology.as_ref())?;
+        let nodes: Vec<String> = picks
+            .iter()
+            .map(|(i, _)| self.cl.nodes[*i as usize].name.clone())
+            .collect();
+        for (i, _) in &picks {
+            self.cl.reserve(*i, start);
+        }
+        self.out.reservations.push(Reservation {
+            job: job.id,
+            start_ms: start,
+            nodes: nodes.clone(),
+        });
+        Some(Verdict::Reserved {
+            start_ms: start,
+            now_ms: self.now_ms,
+            nodes,
+        })
+    }
+
+    /// Keep the nodes of jobs being preempted for this one out of others' reach.
+    fn hold_nodes_of(&mut self, victims: &[&Job]) {
+        for v in victims {
+            for t in v.alloc.iter().flat_map(|a| &a.tasks) {
+                if let Some(i) = self.cl.index_of(&t.placement.node) {
+                    self.cl.reserve(i, FOREVER);
+                }
             }
         }
     }
-    out
 }
 
 /// Pending jobs in the order they are considered.
-pub fn queue_order(state: &State) -> Vec<JobId> {
-    state.pending.iter().copied().collect()
+pub fn queue_order(state: &State, policy: &Policy) -> Vec<JobId> {
+    queue::order(state, policy)
 }
 
-fn tenant_room(state: &State, spec: &crate::model::JobSpec, planned: u32) -> Result<(), String> {
-    let Some(limit) = state.tenants.get(&spec.tenant).and_then(|t| t.gpu_limit) else {
-        return fit::check_tenant_room(state, spec);
-    };
-    let used = state
-        .tenant_gpus_in_use(&spec.tenant)
-        .saturating_add(planned);
-    let need = spec.tasks.saturating_mul(spec.per_task.gpus);
-    if used.saturating_add(need) > limit {
-        return Err(format!(
-            "tenant {} at its limit: {used} of {limit} GPUs in use, job needs {need}",
-            spec.tenant
-        ));
-    }
-    Ok(())
-}
-
-/// How many more tasks of size `r` fit on `node` given `usage` (no allocation).
-fn slots(node: &crate::model::Node, usage: &NodeUsage, r: &Resources) -> u32 {
-    if node.state != crate::model::NodeState::Ready {
-        return 0;
-    }
-    let free_cpu = node.cpu_millis.saturating_sub(usage.cpu_millis);
-    let free_mem = node.memory_bytes.saturating_sub(usage.memory_bytes);
-    let mut n = u32::MAX;
-    if r.cpu_millis > 0 {
-        n = n.min(free_cpu / r.cpu_millis);
-    }
-    if r.memory_bytes > 0 {
-        n = n.min((free_mem / r.memory_bytes).min(u64::from(u32::MAX)) as u32);
-    }
-    if r.gpus > 0 {
-        let free_gpus = node
-            .gpus
-            .iter()
-            .filter(|g| g.healthy && !usage.gpus.contains_key(&g.index))
-            .count() as u32;
-        n = n.min(free_gpus / r.gpus);
-    }
-    n
-}
-
-/// Place every task of a gang, or nothing: on failure `usage` is untouched and
-/// the error is the number of tasks that would have fit. Counting comes first,
-/// so a gang that cannot fit costs no allocation.
-fn place_gang<'a>(
-    nodes: &[&'a crate::model::Node],
-    usage: &mut BTreeMap<&'a str, NodeUsage>,
-    job: JobId,
-    tasks: u32,
-    r: &Resources,
-) -> Result<Vec<TaskPlacement>, u32> {
-    let empty = NodeUsage::default();
-    let mut total = 0u32;
-    let mut take_from = Vec::new();
-    for node in nodes {
-        let u = usage.get(node.name.as_str()).unwrap_or(&empty);
-        let n = slots(node, u, r).min(tasks - total);
-        if n > 0 {
-            take_from.push((*node, n));
-            total += n;
-        }
-        if total == tasks {
-            break;
-        }
-    }
-    if total < tasks {
-        return Err(total);
-    }
-    let mut out = Vec::with_capacity(tasks as usize);
-    for (node, n) in take_from {
-        let u = usage.entry(node.name.as_str()).or_default();
-        for _ in 0..n {
-            let Some(gpus) = fit::take(node, u, r) else {
-                break;
-            };
-            let p = TaskPlacement {
-                node: node.name.clone(),
-                gpus,
-                cpu_millis: r.cpu_millis,
-                memory_bytes: r.memory_bytes,
-            };
-            u.add(job, &p);
-            out.push(p);
-        }
-    }
-    Ok(out)
-}
-
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod scenarios;
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,11 @@ use crate::model::JobSpec;
 use crate::state::tests::{spec, World};
 use crate::state::{ApplyResult, Command};
 
+/// The planner with the default policy at a fixed time.
+fn plan(s: &State) -> Plan {
+    super::plan(s, &Policy::default(), 1_000_000)
+}
+
 #[test]
 fn gang_is_all_or_nothing() {
     let mut w = World::new(&[("a", 4), ("b", 2)]);
@@ -39,12 +44,26 @@ fn packs_a_gang_onto_the_fewest_nodes() {
 #[test]
 fn later_small_job_fills_gaps_the_head_job_cannot_use() {
     let mut w = World::new(&[("a", 4)]);
-    let first = w.submit(1, 1);
+    let first = w.submit_limited(1, 1, Some(3600));
     assert_eq!(w.schedule(), vec![first]);
-    let head = w.submit(1, 4); // 3 GPUs free: must wait
-    let small = w.submit(1, 1);
-    assert_eq!(w.schedule(), vec![small]);
+    let head = w.submit_limited(1, 4, None); // 3 GPUs free: must wait (reserved)
+    let short = w.submit_limited(1, 1, Some(600)); // ends before the reservation
+    let endless = w.submit_limited(1, 1, None); // would delay it
+    assert_eq!(w.schedule(), vec![short]);
     assert_eq!(w.state(head), crate::model::JobState::Pending);
+    let p = plan(&w.s);
+    assert!(
+        p.verdicts[&head]
+            .to_string()
+            .starts_with("reserved to start at"),
+        "{p:?}"
+    );
+    assert!(
+        p.verdicts[&endless]
+            .to_string()
+            .contains("would delay the reservation of job 2"),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -70,12 +89,14 @@ fn no_gpu_is_booked_twice_across_a_plan() {
 fn tenant_limit_holds_back_jobs_with_a_reason() {
     let mut w = World::new(&[("a", 8)]);
     w.cmd(Command::CreateTenant {
-        tenant: crate::model::Tenant {
-            name: "ml".into(),
+        tenant: Box::new(crate::model::Tenant {
             gpu_limit: Some(4),
-        },
+            ..crate::model::Tenant::open("ml")
+        }),
+        default_for: vec![],
     });
     let mk = |w: &mut World| match w.cmd(Command::Submit {
+        request_id: None,
         spec: JobSpec {
             tenant: "ml".into(),
             ..spec(1, 3)

@@ -15,26 +15,44 @@
 
 mod logger;
 pub mod storage;
+pub mod transport;
 
 use crate::state::{ApplyResult, Command, State};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry,
+    EntryType, Message,
+};
 use raft::{RawNode, StateRole};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use storage::{SledStorage, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
+use transport::{AddressBook, Feedback, Transport};
 
 /// Why a proposal was not applied.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ProposeError {
-    #[error("this scheduler is not the leader (leader: {leader:?})")]
+    #[error("this scheduler is not the leader and knows no leader (election in progress, or cut off from a quorum)")]
     NotLeader { leader: Option<u64> },
+    #[error("not committed within {0:?}: no quorum of schedulers is reachable")]
+    Timeout(Duration),
     #[error("the raft driver has stopped")]
     Stopped,
     #[error("raft rejected the proposal: {0}")]
     Raft(String),
+    #[error("forwarding to the leader (node {leader}) failed: {message}")]
+    Forward { leader: u64, message: String },
+}
+
+/// One member as this node sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub voter: bool,
+    /// Leader's view: highest index replicated there (0 elsewhere).
+    pub matched: u64,
 }
 
 /// Raft's view of this node, published after every `Ready`.
@@ -45,42 +63,160 @@ pub struct RaftStatus {
     pub term: u64,
     pub commit: u64,
     pub applied: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
     pub is_leader: bool,
+    pub role: &'static str,
+    pub members: Vec<Member>,
+    /// This node was removed from the cluster and must stop serving.
+    pub removed: bool,
 }
 
 /// Settings of the Raft driver.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
     pub id: u64,
+    /// Voters of a brand-new cluster; empty when joining an existing one.
     pub voters: Vec<u64>,
+    /// Configured peer addresses (this node's view).
+    pub peers: BTreeMap<u64, String>,
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     pub snapshot_entries: u64,
+    pub commit_timeout: Duration,
+}
+
+/// A membership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    Add { id: u64, address: String },
+    Remove { id: u64 },
+}
+
+enum Request {
+    Propose {
+        cmd: Box<Command>,
+        reply: oneshot::Sender<Result<ApplyResult, ProposeError>>,
+    },
+    Read {
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    Change {
+        change: PeerChange,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
 }
 
 /// A cheap handle to the running driver.
 #[derive(Clone)]
 pub struct RaftHandle {
-    tx: mpsc::Sender<Proposal>,
+    tx: mpsc::Sender<Request>,
     state: Arc<RwLock<State>>,
     status: watch::Receiver<RaftStatus>,
-}
-
-struct Proposal {
-    cmd: Command,
-    reply: oneshot::Sender<Result<ApplyResult, ProposeError>>,
+    transport: Arc<Transport>,
+    timeout: Duration,
 }
 
 impl RaftHandle {
-    /// Propose a command and wait until it is committed and applied.
+    /// Propose a command and wait until it is committed and applied. On a
+    /// follower the command is forwarded to the leader.
     pub async fn propose(&self, cmd: Command) -> Result<ApplyResult, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Proposal { cmd, reply })
+        let local = async {
+            self.tx
+                .send(Request::Propose {
+                    cmd: Box::new(cmd.clone()),
+                    reply,
+                })
+                .await
+                .map_err(|_| ProposeError::Stopped)?;
+            rx.await.map_err(|_| ProposeError::Stopped)?
+        };
+        let r = tokio::time::timeout(self.timeout, local)
             .await
-            .map_err(|_| ProposeError::Stopped)?;
-        rx.await.map_err(|_| ProposeError::Stopped)?
+            .unwrap_or(Err(ProposeError::Timeout(self.timeout)));
+        match r {
+            Err(ProposeError::NotLeader {
+                leader: Some(leader),
+            }) if leader != self.id() => self.forward(leader, cmd).await,
+            other => other,
+        }
+    }
+
+    async fn forward(&self, leader: u64, cmd: Command) -> Result<ApplyResult, ProposeError> {
+        let fail = |message: String| ProposeError::Forward { leader, message };
+        let addr = self
+            .transport
+            .book()
+            .get(leader)
+            .ok_or_else(|| fail("no address known".into()))?;
+        let call = async {
+            let mut client = transport::connect(&addr).await.map_err(fail)?;
+            let resp = client
+                .propose(muster_proto::ProposeRequest {
+                    command: cmd.encode(),
+                })
+                .await
+                .map_err(|s| fail(s.message().to_string()))?
+                .into_inner();
+            if !resp.error.is_empty() {
+                return Err(fail(resp.error));
+            }
+            bincode::deserialize(&resp.result).map_err(|e| fail(e.to_string()))
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
+    }
+
+    /// Propose on this node only (the leader's side of a forwarded proposal).
+    pub async fn propose_local(&self, cmd: Command) -> Result<ApplyResult, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        let local = async {
+            self.tx
+                .send(Request::Propose {
+                    cmd: Box::new(cmd),
+                    reply,
+                })
+                .await
+                .map_err(|_| ProposeError::Stopped)?;
+            rx.await.map_err(|_| ProposeError::Stopped)?
+        };
+        tokio::time::timeout(self.timeout, local)
+            .await
+            .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
+    }
+
+    /// Wait until this node has applied everything committed before the call
+    /// (Raft ReadIndex): a read after this is linearizable.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        let wait = async {
+            self.tx
+                .send(Request::Read { reply })
+                .await
+                .map_err(|_| ProposeError::Stopped)?;
+            rx.await.map_err(|_| ProposeError::Stopped)?
+        };
+        tokio::time::timeout(self.timeout, wait)
+            .await
+            .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
+    }
+
+    /// Add or remove a member (joint consensus); waits until applied.
+    pub async fn change_peers(&self, change: PeerChange) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        let wait = async {
+            self.tx
+                .send(Request::Change { change, reply })
+                .await
+                .map_err(|_| ProposeError::Stopped)?;
+            rx.await.map_err(|_| ProposeError::Stopped)?
+        };
+        tokio::time::timeout(self.timeout, wait)
+            .await
+            .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
     }
 
     /// The applied state. Hold the guard briefly: the driver waits for it.
@@ -91,6 +227,21 @@ impl RaftHandle {
     /// The latest status; `changed()` on the receiver wakes on every apply.
     pub fn status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> u64 {
+        self.status.borrow().id
+    }
+
+    /// Where a member can be reached.
+    pub fn address_of(&self, id: u64) -> Option<String> {
+        self.transport.book().get(id)
+    }
+
+    /// Health of this node's links to its peers.
+    pub fn links(&self) -> BTreeMap<u64, String> {
+        self.transport.links()
     }
 }
 
@@ -105,14 +256,19 @@ pub enum StartError {
     Raft(#[from] raft::Error),
 }
 
+/// Where peers' raft messages enter the driver.
+pub type Inbound = mpsc::Sender<Message>;
+
 /// Open the storage in `data_dir`, restore the state and spawn the driver.
+/// Returns the handle, the sender the peer service feeds incoming raft
+/// messages into, and the driver task.
 pub fn start(
     settings: RaftSettings,
     data_dir: &std::path::Path,
     shutdown: watch::Receiver<bool>,
-) -> Result<(RaftHandle, tokio::task::JoinHandle<()>), StartError> {
+) -> Result<(RaftHandle, Inbound, tokio::task::JoinHandle<()>), StartError> {
     let storage = SledStorage::open(data_dir)?;
-    if storage.is_empty()? {
+    if storage.is_empty()? && !settings.voters.is_empty() {
         storage.bootstrap(settings.voters.clone())?;
     }
     let (state, applied) = match storage.load_snapshot()? {
@@ -135,69 +291,110 @@ pub fn start(
     };
     cfg.validate()?;
     let mut node = RawNode::new(&cfg, storage.clone(), &logger::logger())?;
-    let single = settings.voters == [settings.id];
-    if single {
+    if settings.voters == [settings.id] {
         // A lone voter need not wait out an election timeout.
         node.campaign()?;
     }
+    let book = Arc::new(AddressBook::new(settings.peers.clone()));
+    book.set_replicated(state.peers.clone());
+    let (feedback_tx, feedback_rx) = mpsc::unbounded_channel();
+    let transport = Arc::new(Transport::new(settings.id, book, feedback_tx));
     let state = Arc::new(RwLock::new(state));
     let (tx, rx) = mpsc::channel(65536);
+    let (inbound_tx, inbound_rx) = mpsc::channel(65536);
     let (status_tx, status_rx) = watch::channel(RaftStatus {
         id: settings.id,
         applied,
         ..Default::default()
     });
+    let timeout = settings.commit_timeout;
     let driver = Driver {
         node,
         storage,
         state: state.clone(),
+        transport: transport.clone(),
         pending: HashMap::new(),
+        changes: HashMap::new(),
+        reads: HashMap::new(),
+        parked_reads: Vec::new(),
         next_proposal: proposal_nonce(),
         applied,
         applied_term: 0,
         last_snapshot: applied,
         settings,
         status: status_tx,
+        removed: false,
     };
-    let task = tokio::spawn(driver.run(rx, shutdown));
+    let task = tokio::spawn(driver.run(rx, inbound_rx, feedback_rx, shutdown));
     Ok((
         RaftHandle {
             tx,
             state,
             status: status_rx,
+            transport,
+            timeout,
         },
+        inbound_tx,
         task,
     ))
 }
+
+type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
 struct Driver {
     node: RawNode<SledStorage>,
     storage: SledStorage,
     state: Arc<RwLock<State>>,
-    pending: HashMap<u64, oneshot::Sender<Result<ApplyResult, ProposeError>>>,
+    transport: Arc<Transport>,
+    pending: HashMap<u64, Reply<ApplyResult>>,
+    changes: HashMap<u64, Reply<()>>,
+    reads: HashMap<Vec<u8>, Reply<()>>,
+    parked_reads: Vec<(u64, Reply<()>)>,
     next_proposal: u64,
     applied: u64,
     applied_term: u64,
     last_snapshot: u64,
     settings: RaftSettings,
     status: watch::Sender<RaftStatus>,
+    removed: bool,
 }
 
 impl Driver {
-    async fn run(mut self, mut rx: mpsc::Receiver<Proposal>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        mut inbound: mpsc::Receiver<Message>,
+        mut feedback: mpsc::UnboundedReceiver<Feedback>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut ticker = tokio::time::interval(self.settings.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => { self.node.tick(); }
-                p = rx.recv() => {
-                    let Some(p) = p else { break };
-                    self.propose(p);
+                r = rx.recv() => {
+                    let Some(r) = r else { break };
+                    self.request(r);
                     // Batch: everything already queued shares this Ready.
-                    while let Ok(p) = rx.try_recv() {
-                        self.propose(p);
+                    while let Ok(r) = rx.try_recv() {
+                        self.request(r);
                     }
                 }
+                m = inbound.recv() => {
+                    let Some(m) = m else { break };
+                    self.step(m);
+                    while let Ok(m) = inbound.try_recv() {
+                        self.step(m);
+                    }
+                }
+                f = feedback.recv() => match f {
+                    Some(Feedback::Unreachable(id)) => self.node.report_unreachable(id),
+                    Some(Feedback::Snapshot { to, ok }) => {
+                        let status = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+                        self.node.report_snapshot(to, status);
+                    }
+                    None => break,
+                },
                 _ = shutdown.changed() => break,
             }
             if let Err(e) = self.on_ready() {
@@ -205,26 +402,114 @@ impl Driver {
                 tracing::error!("raft storage failed, stopping the raft driver: {e}");
                 break;
             }
+            self.fail_if_not_leader();
         }
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
     }
 
-    fn propose(&mut self, p: Proposal) {
+    fn step(&mut self, mut m: Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
+            // A member whose data folder was wiped comes back with an empty
+            // log while the leader still remembers it at a higher index; the
+            // heartbeat's commit must not point past what this node holds
+            // (raft-rs would panic). Appends and a snapshot bring it back.
+            let last = self.node.raft.raft_log.last_index();
+            if m.commit > last {
+                m.commit = last;
+            }
+        }
+        if let Err(e) = self.node.step(m) {
+            tracing::debug!("raft message ignored: {e}");
+        }
+    }
+
+    fn not_leader(&self) -> ProposeError {
+        let leader = Some(self.node.raft.leader_id).filter(|l| *l != 0);
+        ProposeError::NotLeader { leader }
+    }
+
+    /// A deposed leader's pending proposals may never commit: fail them now
+    /// so clients retry (with their idempotency key) instead of waiting.
+    fn fail_if_not_leader(&mut self) {
+        if self.node.raft.state == StateRole::Leader
+            || (self.pending.is_empty() && self.changes.is_empty())
+        {
+            return;
+        }
+        let err = self.not_leader();
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for (_, reply) in self.changes.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
+
+    fn request(&mut self, r: Request) {
+        match r {
+            Request::Propose { cmd, reply } => self.propose(*cmd, reply),
+            Request::Read { reply } => {
+                let ctx = self.next_proposal.to_be_bytes().to_vec();
+                self.next_proposal += 1;
+                self.node.read_index(ctx.clone());
+                self.reads.insert(ctx, reply);
+            }
+            Request::Change { change, reply } => self.change(change, reply),
+        }
+    }
+
+    fn propose(&mut self, cmd: Command, reply: Reply<ApplyResult>) {
         if self.node.raft.state != StateRole::Leader {
-            let leader = Some(self.node.raft.leader_id).filter(|l| *l != 0);
-            let _ = p.reply.send(Err(ProposeError::NotLeader { leader }));
+            let _ = reply.send(Err(self.not_leader()));
             return;
         }
         let id = self.next_proposal;
         self.next_proposal += 1;
-        match self.node.propose(id.to_be_bytes().to_vec(), p.cmd.encode()) {
+        match self.node.propose(id.to_be_bytes().to_vec(), cmd.encode()) {
             Ok(()) => {
-                self.pending.insert(id, p.reply);
+                self.pending.insert(id, reply);
             }
             Err(e) => {
-                let _ = p.reply.send(Err(ProposeError::Raft(e.to_string())));
+                let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
+            }
+        }
+    }
+
+    fn change(&mut self, change: PeerChange, reply: Reply<()>) {
+        if self.node.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        let (kind, id, address) = match change {
+            PeerChange::Add { id, address } => (ConfChangeType::AddNode, id, address),
+            PeerChange::Remove { id } => (ConfChangeType::RemoveNode, id, String::new()),
+        };
+        let single = ConfChangeSingle {
+            change_type: kind,
+            node_id: id,
+            ..Default::default()
+        };
+        let cc = ConfChangeV2 {
+            // Joint consensus, left automatically once the joint config commits.
+            transition: ConfChangeTransition::Implicit,
+            changes: vec![single].into(),
+            ..Default::default()
+        };
+        let pid = self.next_proposal;
+        self.next_proposal += 1;
+        // The change carries its proposal id and the new member's address;
+        // every replica records the address when it applies the change.
+        let context = bincode::serialize(&(pid, address)).unwrap_or_default();
+        let mut cc = cc;
+        cc.context = context.clone().into();
+        match self.node.propose_conf_change(context, cc) {
+            Ok(()) => {
+                self.changes.insert(pid, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Raft(e.to_string())));
             }
         }
     }
@@ -237,6 +522,11 @@ impl Driver {
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone())?;
+        }
+        for rs in rd.take_read_states() {
+            if let Some(reply) = self.reads.remove(&rs.request_ctx) {
+                self.parked_reads.push((rs.index, reply));
+            }
         }
         self.apply_entries(rd.take_committed_entries())?;
         self.storage.append(rd.entries())?;
@@ -252,15 +542,27 @@ impl Driver {
         self.send(light.take_messages());
         self.apply_entries(light.take_committed_entries())?;
         self.node.advance_apply();
+        self.release_reads();
         self.maybe_snapshot()?;
         self.publish_status();
         Ok(())
     }
 
+    /// Answer reads whose read index is now applied.
+    fn release_reads(&mut self) {
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_reads)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.parked_reads = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
     fn send(&mut self, msgs: Vec<Message>) {
-        // This build runs a single voter: raft produces no messages for peers.
-        for m in msgs {
-            tracing::warn!(to = m.to, "no transport to raft peer; message dropped");
+        if !msgs.is_empty() {
+            self.transport.send(msgs);
         }
     }
 
@@ -268,6 +570,12 @@ impl Driver {
         self.storage.apply_snapshot(&snap)?;
         match State::from_snapshot(&snap.data) {
             Ok(s) => {
+                tracing::info!(
+                    index = snap.get_metadata().index,
+                    bytes = snap.data.len(),
+                    "installed a snapshot from the leader"
+                );
+                self.transport.book().set_replicated(s.peers.clone());
                 *self.state.write().unwrap_or_else(|p| p.into_inner()) = s;
                 self.applied = snap.get_metadata().index;
                 self.applied_term = snap.get_metadata().term;
@@ -319,6 +627,7 @@ impl Driver {
                         if cc.merge_from_bytes(&e.data).is_ok() {
                             let cs = self.node.apply_conf_change(&cc);
                             self.store_conf_state(cs)?;
+                            self.record_members(&mut state, &cc);
                         }
                     }
                 }
@@ -328,6 +637,35 @@ impl Driver {
             let _ = reply.send(Ok(result));
         }
         Ok(())
+    }
+
+    /// Keep the replicated address book in step with a membership change, and
+    /// answer the admin call that proposed it.
+    fn record_members(&mut self, state: &mut State, cc: &ConfChangeV2) {
+        let (pid, address): (u64, String) =
+            bincode::deserialize(&cc.context).unwrap_or((0, String::new()));
+        for c in cc.get_changes() {
+            match c.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if !address.is_empty() {
+                        state.peers.insert(c.node_id, address.clone());
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    state.peers.remove(&c.node_id);
+                    if c.node_id == self.settings.id {
+                        tracing::warn!(
+                            "this scheduler was removed from the cluster; it stops serving"
+                        );
+                        self.removed = true;
+                    }
+                }
+            }
+        }
+        self.transport.book().set_replicated(state.peers.clone());
+        if let Some(reply) = self.changes.remove(&pid) {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     fn store_conf_state(
@@ -367,13 +705,47 @@ impl Driver {
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        let conf = raft.prs().conf().to_conf_state();
+        let mut members: Vec<Member> = conf
+            .voters
+            .iter()
+            .chain(conf.voters_outgoing.iter())
+            .map(|id| Member {
+                id: *id,
+                voter: true,
+                matched: 0,
+            })
+            .chain(conf.learners.iter().map(|id| Member {
+                id: *id,
+                voter: false,
+                matched: 0,
+            }))
+            .collect();
+        members.sort_by_key(|m| m.id);
+        members.dedup_by_key(|m| m.id);
+        if is_leader {
+            for m in &mut members {
+                m.matched = raft.prs().get(m.id).map(|p| p.matched).unwrap_or(0);
+            }
+        }
         let st = RaftStatus {
             id: self.settings.id,
             leader: raft.leader_id,
             term: raft.term,
             commit: raft.raft_log.committed,
             applied: self.applied,
-            is_leader: raft.state == StateRole::Leader,
+            last_index: raft.raft_log.last_index(),
+            snapshot_index: self.last_snapshot,
+            is_leader,
+            role: match raft.state {
+                StateRole::Leader => "leader",
+                StateRole::Follower => "follower",
+                StateRole::Candidate => "candidate",
+                StateRole::PreCandidate => "pre-candidate",
+            },
+            members,
+            removed: self.removed,
         };
         self.status.send_if_modified(|old| {
             let changed = *old != st;

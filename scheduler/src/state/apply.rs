@@ -1,10 +1,12 @@
 //! `State::apply`: one function per command, each checking before it changes
 //! anything, so a rejected command leaves no trace.
 
-use super::{ApplyResult, Command, NodeRegistration, Placement, State, TaskKey};
+use super::{
+    ApplyResult, Command, NodeRegistration, Placement, PreemptOrder, State, TaskKey, TenantUse,
+};
 use crate::model::{
-    AllocId, Allocation, ExitInfo, Job, JobId, JobSpec, JobState, Node, NodeState, TaskState,
-    TaskStatus, Tenant,
+    AllocId, Allocation, ExitInfo, Job, JobId, JobSpec, JobState, Node, NodeState, TaskPlacement,
+    TaskState, TaskStatus,
 };
 use crate::planner::fit;
 
@@ -12,14 +14,41 @@ use crate::planner::fit;
 /// port of the range.
 pub const MASTER_PORT_BASE: u16 = 29500;
 const MASTER_PORT_RANGE: u16 = 1000;
+/// Idempotency keys remembered; a client retries within seconds, so the last
+/// hundred thousand submissions are plenty.
+const MAX_SUBMIT_KEYS: usize = 100_000;
 
 impl State {
     /// Apply one command. Deterministic; see the module docs.
     pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
         match cmd {
-            Command::Submit { spec, user, at_ms } => self.submit(spec, user, *at_ms),
+            Command::Submit {
+                spec,
+                user,
+                at_ms,
+                request_id,
+            } => {
+                if let Some(id) = request_id.as_ref().and_then(|k| self.submit_keys.get(k)) {
+                    return ApplyResult::Submitted(*id);
+                }
+                let r = self.submit(spec, user, *at_ms);
+                if let (ApplyResult::Submitted(id), Some(key)) = (&r, request_id) {
+                    self.remember_submit_key(key, *id);
+                }
+                r
+            }
             Command::Cancel { job, at_ms } => self.cancel(*job, *at_ms),
-            Command::CreateTenant { tenant } => self.create_tenant(tenant),
+            Command::CreateTenant {
+                tenant,
+                default_for,
+            } => self.create_tenant(tenant, default_for),
+            Command::UpdateTenant { name, patch } => self.update_tenant(name, patch),
+            Command::DeleteTenant { name } => self.delete_tenant(name),
+            Command::AccrueUsage {
+                at_ms,
+                half_life_secs,
+            } => self.accrue_usage(*at_ms, *half_life_secs),
+            Command::Preempt { orders, at_ms } => self.preempt(orders, *at_ms),
             Command::RegisterNode {
                 node,
                 running,
@@ -38,6 +67,14 @@ impl State {
     }
 
     fn submit(&mut self, spec: &JobSpec, user: &str, at_ms: i64) -> ApplyResult {
+        let tenant = match self.resolve_tenant(user, &spec.tenant) {
+            Ok(t) => t,
+            Err(e) => return ApplyResult::Rejected(e),
+        };
+        let spec = &JobSpec {
+            tenant,
+            ..spec.clone()
+        };
         if let Err(reason) = fit::validate_spec(self, spec) {
             return ApplyResult::Rejected(reason);
         }
@@ -56,10 +93,21 @@ impl State {
                 reason: String::new(),
                 restart_count: 0,
                 alloc: None,
+                preempted_for: None,
             },
         );
         self.pending.insert(id);
         ApplyResult::Submitted(id)
+    }
+
+    fn remember_submit_key(&mut self, key: &str, id: JobId) {
+        self.submit_keys.insert(key.to_string(), id);
+        self.submit_key_order.push_back(key.to_string());
+        while self.submit_key_order.len() > MAX_SUBMIT_KEYS {
+            if let Some(old) = self.submit_key_order.pop_front() {
+                self.submit_keys.remove(&old);
+            }
+        }
     }
 
     fn cancel(&mut self, id: JobId, at_ms: i64) -> ApplyResult {
@@ -70,17 +118,6 @@ impl State {
             return ApplyResult::Rejected(format!("job {id} already {}", job.state.as_str()));
         }
         self.finish_job(id, JobState::Cancelled, "cancelled by user".into(), at_ms);
-        ApplyResult::Applied
-    }
-
-    fn create_tenant(&mut self, tenant: &Tenant) -> ApplyResult {
-        if let Err(e) = fit::validate_tenant_name(&tenant.name) {
-            return ApplyResult::Rejected(e);
-        }
-        if self.tenants.contains_key(&tenant.name) {
-            return ApplyResult::Rejected(format!("tenant {} already exists", tenant.name));
-        }
-        self.tenants.insert(tenant.name.clone(), tenant.clone());
         ApplyResult::Applied
     }
 
@@ -158,16 +195,28 @@ impl State {
         let alloc_id = AllocId(self.next_alloc_id);
         self.next_alloc_id += 1;
         let master_port = self.free_master_port(&p.tasks[0].node);
+        let borrowed = self.jobs.get(&p.job).is_some_and(|j| {
+            let guarantee = self
+                .tenants
+                .get(&j.spec.tenant)
+                .map_or(0, |t| t.guarantee_gpus);
+            self.tenant_use(&j.spec.tenant)
+                .plus(TenantUse::of_job(j))
+                .gpus
+                > guarantee
+        });
         let Some(job) = self.jobs.get_mut(&p.job) else {
             return;
         };
         job.state = JobState::Placed;
+        job.preempted_for = None;
         job.reason.clear();
         job.alloc = Some(Allocation {
             id: alloc_id,
             term,
             placed_at_ms: at_ms,
             master_port,
+            borrowed,
             tasks: p
                 .tasks
                 .iter()
@@ -229,7 +278,9 @@ impl State {
         let Some(job) = self.jobs.get(&key.job) else {
             return ApplyResult::Applied;
         };
-        if !job.state.is_terminal() {
+        if job.state == JobState::Preempting {
+            self.requeue_if_stopped(key.job);
+        } else if !job.state.is_terminal() {
             if !exit.success() {
                 let reason = format!("task {} {}", key.task, exit.describe());
                 self.finish_job(key.job, JobState::Failed, reason, at_ms);
@@ -284,9 +335,7 @@ impl State {
             }
         }
         for (_, p) in unstarted {
-            if let Some(u) = self.usage.get_mut(&p.node) {
-                u.remove(id, &p);
-            }
+            self.unbook(id, &p);
         }
         self.pending.remove(&id);
         self.index_job(id);
@@ -303,11 +352,10 @@ impl State {
         });
         task.ended_at_ms = at_ms;
         self.release_task(key);
-        let active = self
-            .jobs
-            .get(&key.job)
-            .is_some_and(|j| !j.state.is_terminal());
-        if active {
+        let state = self.jobs.get(&key.job).map(|j| j.state);
+        if state == Some(JobState::Preempting) {
+            self.requeue_if_stopped(key.job);
+        } else if state.is_some_and(|s| !s.is_terminal()) {
             self.finish_job(key.job, JobState::Failed, message, at_ms);
         }
         self.index_job(key.job);
@@ -321,9 +369,73 @@ impl State {
             .and_then(|a| a.tasks.get(key.task as usize))
             .map(|t| t.placement.clone());
         if let Some(p) = placement {
-            if let Some(u) = self.usage.get_mut(&p.node) {
-                u.remove(key.job, &p);
+            self.unbook(key.job, &p);
+        }
+    }
+
+    /// Give back what one task booked on its node and its tenant.
+    fn unbook(&mut self, job: JobId, p: &TaskPlacement) {
+        if let Some(u) = self.usage.get_mut(&p.node) {
+            u.remove(job, p);
+        }
+        if let Some(tenant) = self.jobs.get(&job).map(|j| j.spec.tenant.clone()) {
+            self.book_tenant(&tenant, p, false);
+        }
+    }
+
+    /// Carry out the planner's preemptions: each victim leaves its nodes'
+    /// desired sets (the agents stop it) and becomes `Preempting`. A stale
+    /// order (job no longer running that allocation) is skipped.
+    fn preempt(&mut self, orders: &[PreemptOrder], at_ms: i64) -> ApplyResult {
+        let mut done = 0;
+        for o in orders {
+            let Some(job) = self.jobs.get_mut(&o.victim) else {
+                continue;
+            };
+            let live = matches!(job.state, JobState::Placed | JobState::Running);
+            if !live || job.alloc.as_ref().map(|a| a.id.0) != Some(o.alloc) {
+                continue;
             }
+            job.state = JobState::Preempting;
+            job.preempted_for = Some(o.for_job);
+            job.reason = format!("preempted for job {}: {}", o.for_job, o.reason);
+            let mut unstarted = Vec::new();
+            if let Some(alloc) = job.alloc.as_mut() {
+                for t in alloc.tasks.iter_mut() {
+                    if t.state == TaskState::Assigned {
+                        t.state = TaskState::Exited;
+                        t.ended_at_ms = at_ms;
+                        unstarted.push(t.placement.clone());
+                    }
+                }
+            }
+            for p in unstarted {
+                self.unbook(o.victim, &p);
+            }
+            self.requeue_if_stopped(o.victim);
+            done += 1;
+        }
+        if done == 0 && !orders.is_empty() {
+            return ApplyResult::Rejected("every preemption order was stale".into());
+        }
+        ApplyResult::Applied
+    }
+
+    /// A preempting job whose tasks have all stopped goes back to pending.
+    fn requeue_if_stopped(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if all_tasks(job, |t| !t.state.holds_resources()) {
+            self.index_job(id);
+            let Some(job) = self.jobs.get_mut(&id) else {
+                return;
+            };
+            job.state = JobState::Pending;
+            job.restart_count += 1;
+            job.alloc = None;
+            job.started_at_ms = 0;
+            self.pending.insert(id);
         }
     }
 
@@ -370,16 +482,20 @@ impl State {
             .is_some_and(|a| a.tasks.iter().any(|t| t.state.holds_resources()));
         if holds && !self.active.contains(&id) {
             self.active.insert(id);
-            if let Some(alloc) = &job.alloc {
-                for t in alloc.tasks.iter().filter(|t| t.state.holds_resources()) {
-                    self.usage
-                        .entry(t.placement.node.clone())
-                        .or_default()
-                        .add(id, &t.placement);
-                }
+            let tenant = job.spec.tenant.clone();
+            let held: Vec<TaskPlacement> = job
+                .alloc
+                .iter()
+                .flat_map(|a| a.tasks.iter())
+                .filter(|t| t.state.holds_resources())
+                .map(|t| t.placement.clone())
+                .collect();
+            for p in held {
+                self.usage.entry(p.node.clone()).or_default().add(id, &p);
+                self.book_tenant(&tenant, &p, true);
             }
-        } else if !holds {
-            self.active.remove(&id);
+        } else if !holds && self.active.remove(&id) {
+            self.charge_finished(id);
         }
     }
 }

@@ -16,8 +16,10 @@
 //! gang, so a stale plan can never over-commit a GPU or a quota.
 
 mod apply;
+mod tenants;
 mod usage;
 
+pub use tenants::{TenantPatch, TenantUse};
 pub use usage::NodeUsage;
 
 use crate::model::{ExitInfo, GpuRecord, Job, JobId, JobSpec, Node, TaskPlacement, Tenant};
@@ -53,6 +55,18 @@ pub struct Placement {
     pub tasks: Vec<TaskPlacement>,
 }
 
+/// One preemption decided by the planner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreemptOrder {
+    pub victim: JobId,
+    /// The victim's allocation, so a stale order cannot stop a newer run.
+    pub alloc: u64,
+    /// The job the room is for.
+    pub for_job: JobId,
+    /// Why, in words (`higher priority`, `reclaiming guarantee of ml`).
+    pub reason: String,
+}
+
 /// Everything that changes the replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -60,13 +74,35 @@ pub enum Command {
         spec: JobSpec,
         user: String,
         at_ms: i64,
+        /// The client's idempotency key: a retry returns the first job's id.
+        request_id: Option<String>,
     },
     Cancel {
         job: JobId,
         at_ms: i64,
     },
     CreateTenant {
-        tenant: Tenant,
+        tenant: Box<Tenant>,
+        /// Users whose default tenant becomes this one.
+        default_for: Vec<String>,
+    },
+    UpdateTenant {
+        name: String,
+        patch: Box<TenantPatch>,
+    },
+    DeleteTenant {
+        name: String,
+    },
+    /// Decay fair-share usage and charge live allocations up to `at_ms`.
+    AccrueUsage {
+        at_ms: i64,
+        half_life_secs: u64,
+    },
+    /// Stop these jobs to make room for others; each goes back to pending
+    /// once its tasks have exited.
+    Preempt {
+        orders: Vec<PreemptOrder>,
+        at_ms: i64,
     },
     RegisterNode {
         node: NodeRegistration,
@@ -113,7 +149,7 @@ impl Command {
 }
 
 /// What applying a command did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplyResult {
     /// The state changed (or the command was a harmless no-op).
     Applied,
@@ -138,6 +174,18 @@ pub struct State {
     pub tenants: BTreeMap<String, Tenant>,
     pub next_job_id: u64,
     pub next_alloc_id: u64,
+    /// User → the tenant their jobs go to when they name none.
+    pub user_defaults: BTreeMap<String, String>,
+    /// Tenant → decayed GPU-seconds of its own jobs, as of `usage_at_ms`.
+    pub fair_usage: BTreeMap<String, f64>,
+    pub usage_at_ms: i64,
+    /// Idempotency keys of recent submissions → the job each created
+    /// (bounded: the oldest keys are forgotten first, see `apply`).
+    pub submit_keys: BTreeMap<String, JobId>,
+    /// Order in which `submit_keys` were added, for bounded forgetting.
+    pub submit_key_order: std::collections::VecDeque<String>,
+    /// Scheduler members' addresses, from membership changes through the log.
+    pub peers: BTreeMap<u64, String>,
     /// Derived: jobs waiting to be placed, in id (submission) order.
     #[serde(skip)]
     pub pending: BTreeSet<JobId>,
@@ -147,6 +195,9 @@ pub struct State {
     /// Derived: what each node has handed out.
     #[serde(skip)]
     pub usage: BTreeMap<String, NodeUsage>,
+    /// Derived: what each tenant's subtree holds (see [`TenantUse`]).
+    #[serde(skip)]
+    pub tenant_use: BTreeMap<String, TenantUse>,
 }
 
 impl State {
@@ -157,13 +208,8 @@ impl State {
             next_alloc_id: 1,
             ..State::default()
         };
-        s.tenants.insert(
-            DEFAULT_TENANT.to_string(),
-            Tenant {
-                name: DEFAULT_TENANT.to_string(),
-                gpu_limit: None,
-            },
-        );
+        s.tenants
+            .insert(DEFAULT_TENANT.to_string(), Tenant::open(DEFAULT_TENANT));
         s
     }
 
@@ -187,6 +233,7 @@ impl State {
         self.pending.clear();
         self.active.clear();
         self.usage.clear();
+        self.tenant_use.clear();
         let ids: Vec<JobId> = self.jobs.keys().copied().collect();
         for id in ids {
             self.index_job(id);
@@ -205,14 +252,9 @@ impl State {
         h
     }
 
-    /// GPUs held by the tenant's live allocations.
+    /// GPUs held by the live allocations of the tenant and its children.
     pub fn tenant_gpus_in_use(&self, tenant: &str) -> u32 {
-        self.active
-            .iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter(|j| j.spec.tenant == tenant)
-            .map(held_gpus)
-            .sum()
+        self.tenant_use(tenant).gpus
     }
 
     /// Usage of one node (zero if nothing was ever placed there).

@@ -18,6 +18,7 @@ pub(crate) fn node(name: &str, gpus: u32) -> NodeRegistration {
                 pci_bus_id: String::new(),
                 numa_node: 0,
                 healthy: true,
+                link_group: i / 4,
             })
             .collect(),
         cpu_millis: 64_000,
@@ -41,6 +42,8 @@ pub(crate) fn spec(tasks: u32, gpus: u32) -> JobSpec {
         env: Default::default(),
         workdir: "/".into(),
         checkpoint_dir: None,
+        priority: String::new(),
+        topology: None,
     }
 }
 
@@ -71,7 +74,24 @@ impl World {
     }
     pub fn submit(&mut self, tasks: u32, gpus: u32) -> JobId {
         match self.cmd(Command::Submit {
+            request_id: None,
             spec: spec(tasks, gpus),
+            user: "alice".into(),
+            at_ms: self.now,
+        }) {
+            ApplyResult::Submitted(id) => id,
+            other => panic!("submit rejected: {other:?}"),
+        }
+    }
+    /// Submit with a time limit (seconds).
+    pub fn submit_limited(&mut self, tasks: u32, gpus: u32, limit: Option<u64>) -> JobId {
+        let spec = JobSpec {
+            time_limit_secs: limit,
+            ..spec(tasks, gpus)
+        };
+        match self.s.apply(&Command::Submit {
+            request_id: None,
+            spec,
             user: "alice".into(),
             at_ms: self.now,
         }) {
@@ -81,7 +101,7 @@ impl World {
     }
     /// Run the planner and apply its plan, as the leader would.
     pub fn schedule(&mut self) -> Vec<JobId> {
-        let plan = planner::plan(&self.s);
+        let plan = planner::plan(&self.s, &Default::default(), self.now);
         match self.cmd(Command::ApplyPlan {
             term: 1,
             at_ms: self.now,
@@ -173,7 +193,7 @@ fn stale_plan_is_rejected_whole_and_changes_nothing() {
     let j1 = w.submit(1, 4);
     let j2 = w.submit(1, 4);
     // Two plans computed on the same state both want all of node a.
-    let p1 = planner::plan(&w.s);
+    let p1 = planner::plan(&w.s, &Default::default(), w.now);
     let mut p2 = p1.clone();
     p2.placements[0].job = j2;
     w.cmd(Command::ApplyPlan {
@@ -233,6 +253,7 @@ fn bad_submissions_are_rejected_and_leave_no_trace() {
     ];
     for (sp, needle) in cases {
         let r = w.cmd(Command::Submit {
+            request_id: None,
             spec: sp,
             user: "u".into(),
             at_ms: 1,
@@ -336,6 +357,7 @@ fn reregistration_adopts_reported_tasks_and_loses_the_rest() {
 fn time_limit_is_checked_against_the_stamped_time() {
     let mut w = World::new(&[("a", 4)]);
     let id = match w.cmd(Command::Submit {
+        request_id: None,
         spec: JobSpec {
             time_limit_secs: Some(60),
             ..spec(1, 1)
@@ -391,6 +413,7 @@ fn replaying_the_log_gives_the_same_state() {
     run(
         &mut w,
         Command::Submit {
+            request_id: None,
             spec: spec(2, 2),
             user: "u".into(),
             at_ms: 1,
@@ -399,12 +422,13 @@ fn replaying_the_log_gives_the_same_state() {
     run(
         &mut w,
         Command::Submit {
+            request_id: None,
             spec: spec(1, 4),
             user: "u".into(),
             at_ms: 2,
         },
     );
-    let plan = planner::plan(&w.s);
+    let plan = planner::plan(&w.s, &Default::default(), w.now);
     run(
         &mut w,
         Command::ApplyPlan {

@@ -73,6 +73,7 @@ async fn submit(args: &[String]) -> anyhow::Result<()> {
             .submit(SubmitRequest {
                 spec: Some(spec),
                 user: user.clone(),
+                request_id: String::new(),
             })
             .await?;
         samples.push(t0.elapsed().as_secs_f64() * 1000.0);
@@ -111,6 +112,7 @@ async fn latency(args: &[String]) -> anyhow::Result<()> {
             .submit(SubmitRequest {
                 spec: Some(spec),
                 user: user.clone(),
+                request_id: String::new(),
             })
             .await?
             .into_inner()

@@ -1,0 +1,129 @@
+//! `Admin`: Raft membership and health (`muster admin status|peers`).
+
+use super::Ctx;
+use crate::raft::PeerChange;
+use muster_proto as pb;
+use muster_proto::admin_server::Admin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The admin service.
+pub struct AdminService {
+    ctx: Arc<Ctx>,
+}
+
+impl AdminService {
+    /// A service over the shared context.
+    pub fn new(ctx: Arc<Ctx>) -> AdminService {
+        AdminService { ctx }
+    }
+
+    fn members(&self) -> Vec<pb::MemberInfo> {
+        let st = self.ctx.raft.status().borrow().clone();
+        let links = self.ctx.raft.links();
+        st.members
+            .iter()
+            .map(|m| pb::MemberInfo {
+                id: m.id,
+                address: self.ctx.raft.address_of(m.id).unwrap_or_default(),
+                voter: m.voter,
+                matched: m.matched,
+                lag: if st.is_leader {
+                    st.last_index.saturating_sub(m.matched)
+                } else {
+                    0
+                },
+                link: if m.id == st.id {
+                    "self".to_string()
+                } else {
+                    links.get(&m.id).cloned().unwrap_or_else(|| "idle".into())
+                },
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _req: Request<pb::AdminStatusRequest>,
+    ) -> Result<Response<pb::AdminStatusResponse>, Status> {
+        let st = self.ctx.raft.status().borrow().clone();
+        let digest = self.ctx.raft.state().digest();
+        Ok(Response::new(pb::AdminStatusResponse {
+            node_id: st.id,
+            role: st.role.to_string(),
+            leader_id: st.leader,
+            term: st.term,
+            commit_index: st.commit,
+            applied_index: st.applied,
+            last_index: st.last_index,
+            snapshot_index: st.snapshot_index,
+            state_digest: digest,
+            members: self.members(),
+        }))
+    }
+
+    async fn change_peers(
+        &self,
+        req: Request<pb::ChangePeersRequest>,
+    ) -> Result<Response<pb::ChangePeersResponse>, Status> {
+        let req = req.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument(
+                "id: a member's Raft id is a number from 1",
+            ));
+        }
+        let current: Vec<u64> = self
+            .ctx
+            .raft
+            .status()
+            .borrow()
+            .members
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        let change = match pb::change_peers_request::Op::try_from(req.op) {
+            Ok(pb::change_peers_request::Op::Add) => {
+                if current.contains(&req.id) {
+                    return Err(Status::already_exists(format!(
+                        "node {} is already a member",
+                        req.id
+                    )));
+                }
+                if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
+                    return Err(Status::invalid_argument(format!(
+                        "address: {:?} must start with http:// or https://",
+                        req.address
+                    )));
+                }
+                PeerChange::Add {
+                    id: req.id,
+                    address: req.address,
+                }
+            }
+            Ok(pb::change_peers_request::Op::Remove) => {
+                if !current.contains(&req.id) {
+                    return Err(Status::not_found(format!(
+                        "node {} is not a member",
+                        req.id
+                    )));
+                }
+                if current.len() == 1 {
+                    return Err(Status::failed_precondition("cannot remove the last member"));
+                }
+                PeerChange::Remove { id: req.id }
+            }
+            _ => return Err(Status::invalid_argument("op: must be ADD or REMOVE")),
+        };
+        self.ctx
+            .raft
+            .change_peers(change)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::ChangePeersResponse {
+            members: self.members(),
+        }))
+    }
+}

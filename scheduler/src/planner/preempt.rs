@@ -1,0 +1,162 @@
+//! Preemption decisions.
+//!
+//! A pending gang that has no room may stop running gangs when it has a
+//! higher priority class than they do, or when its tenant is below its
+//! guarantee and they run on capacity their tenant borrowed. Victims are
+//! whole gangs, taken in DESIGN.md's cost order: lower priority first, then
+//! borrowed before not, then least work lost (the shortest run since it
+//! started; checkpoints will refine this), then fewest GPUs. A gang that has
+//! run less than `min_runtime` is protected. Victims are added one at a time
+//! until the preemptor would fit on what they free plus what is free now; if
+//! it never would, nothing is preempted. Only victims on the nodes the
+//! preemptor would get are kept.
+
+use super::placement::{choose_topo, tasks_fit, Cand, Cluster, Picks, Req};
+use super::Policy;
+use crate::model::{Job, JobId, JobState, Tenant};
+use crate::state::{PreemptOrder, State, TenantUse};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Most victims considered for one preemptor.
+const MAX_VICTIMS: usize = 64;
+
+struct Victim<'a> {
+    job: &'a Job,
+    reason: String,
+}
+
+/// Try to make room for `job` by preempting; the orders and the nodes the
+/// job would get, or `None` when no allowed set of victims makes it fit.
+pub fn find(
+    state: &State,
+    policy: &Policy,
+    cl: &Cluster,
+    job: &Job,
+    planned_use: &BTreeMap<String, TenantUse>,
+    taken: &BTreeSet<JobId>,
+    now_ms: i64,
+) -> Option<(Vec<PreemptOrder>, Picks)> {
+    let mine = policy.weight(&job.spec.priority);
+    let tenant = state.tenants.get(&job.spec.tenant)?;
+    let used = planned_use.get(&tenant.name).copied().unwrap_or_default();
+    let below_guarantee = used.gpus.saturating_add(job.total_gpus()) <= tenant.guarantee_gpus;
+    let mut victims: Vec<Victim> = state
+        .active
+        .iter()
+        .filter(|id| !taken.contains(id))
+        .filter_map(|id| state.jobs.get(id))
+        .filter(|v| matches!(v.state, JobState::Placed | JobState::Running))
+        .filter(|v| now_ms - start_of(v) >= policy.min_runtime_ms)
+        .filter_map(|v| {
+            let theirs = policy.weight(&v.spec.priority);
+            if theirs < mine {
+                let reason = format!(
+                    "priority {} outranks {}",
+                    policy.class_name(&job.spec.priority),
+                    policy.class_name(&v.spec.priority)
+                );
+                return Some(Victim { job: v, reason });
+            }
+            let borrowed = v.alloc.as_ref().is_some_and(|a| a.borrowed);
+            let related = Tenant::lineage(&job.spec.tenant).any(|t| t == v.spec.tenant)
+                || Tenant::lineage(&v.spec.tenant).any(|t| t == job.spec.tenant);
+            let over = state
+                .tenants
+                .get(&v.spec.tenant)
+                .is_some_and(|t| state.tenant_use(&t.name).gpus > t.guarantee_gpus);
+            if below_guarantee && borrowed && over && !related && theirs <= mine {
+                let reason = format!(
+                    "tenant {} reclaiming its guarantee of {} GPUs from borrowed capacity",
+                    tenant.name, tenant.guarantee_gpus
+                );
+                return Some(Victim { job: v, reason });
+            }
+            None
+        })
+        .collect();
+    if victims.is_empty() {
+        return None;
+    }
+    victims.sort_by_key(|v| {
+        let borrowed = v.job.alloc.as_ref().is_some_and(|a| a.borrowed);
+        (
+            policy.weight(&v.job.spec.priority),
+            !borrowed,
+            now_ms - start_of(v.job),
+            v.job.total_gpus(),
+            v.job.id,
+        )
+    });
+    victims.truncate(MAX_VICTIMS);
+    let req = Req {
+        tasks: job.spec.tasks,
+        per_task: job.spec.per_task,
+    };
+    let end = super::backfill::end_of(now_ms, job.spec.time_limit_secs);
+    let mut extra: BTreeMap<u32, (u32, u32, u64)> = BTreeMap::new();
+    for (n, v) in victims.iter().enumerate() {
+        for t in v.job.alloc.iter().flat_map(|a| &a.tasks) {
+            if !t.state.holds_resources() {
+                continue;
+            }
+            let Some(i) = cl.index_of(&t.placement.node) else {
+                continue;
+            };
+            let e = extra.entry(i).or_default();
+            e.0 += t.placement.gpus.len() as u32;
+            e.1 = e.1.saturating_add(t.placement.cpu_millis);
+            e.2 = e.2.saturating_add(t.placement.memory_bytes);
+        }
+        let cands: Vec<Cand> = (0..cl.nodes.len() as u32)
+            .filter(|&i| cl.usable(i, end))
+            .map(|i| {
+                let s = &cl.slots[i as usize];
+                let (g, c, m) = extra.get(&i).copied().unwrap_or_default();
+                let gpus = s.free.count_ones() + g;
+                Cand {
+                    node: i,
+                    fits: tasks_fit(
+                        gpus,
+                        s.cpu.saturating_add(c),
+                        s.mem.saturating_add(m),
+                        &req.per_task,
+                    ),
+                    free: gpus,
+                }
+            })
+            .filter(|c| c.fits > 0)
+            .collect();
+        let Ok(picks) = choose_topo(&cl.nodes, cands, req.tasks, job.spec.topology.as_ref()) else {
+            continue;
+        };
+        let picked: BTreeSet<&str> = picks
+            .iter()
+            .map(|(i, _)| cl.nodes[*i as usize].name.as_str())
+            .collect();
+        let orders = victims[..=n]
+            .iter()
+            .filter(|v| {
+                v.job.alloc.iter().flat_map(|a| &a.tasks).any(|t| {
+                    t.state.holds_resources() && picked.contains(t.placement.node.as_str())
+                })
+            })
+            .map(|v| PreemptOrder {
+                victim: v.job.id,
+                alloc: v.job.alloc.as_ref().map_or(0, |a| a.id.0),
+                for_job: job.id,
+                reason: v.reason.clone(),
+            })
+            .collect();
+        return Some((orders, picks));
+    }
+    None
+}
+
+/// When a job's current run started (placement time until it reports a start).
+pub fn start_of(job: &Job) -> i64 {
+    if job.started_at_ms > 0 {
+        job.started_at_ms
+    } else {
+        job.alloc.as_ref().map_or(0, |a| a.placed_at_ms)
+    }
+}
