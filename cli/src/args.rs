@@ -46,6 +46,12 @@ pub struct GlobalArgs {
     /// Print machine-readable JSON instead of tables
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
+
+    /// Read from whichever scheduler answers without confirming with the
+    /// leader first: faster, but may miss the latest changes (reads are
+    /// linearizable by default)
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub stale: bool,
 }
 
 #[derive(Debug, Subcommand)]

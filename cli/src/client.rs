@@ -15,8 +15,36 @@ use muster_proto::{
     CancelRequest, CreateTenantRequest, GetJobRequest, JobInfo, ListJobsRequest, ListNodesRequest,
     ListTenantsRequest, NodeInfo, StatusRequest, StatusResponse, SubmitRequest, TenantInfo,
 };
+use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+/// A scheduler client; every call carries the read mode (see [`ReadMode`]).
+pub type Client = MusterClient<InterceptedService<Channel, ReadMode>>;
+
+static STALE_READS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Ask for stale reads (`--stale`) for the rest of this process.
+pub fn set_stale_reads(stale: bool) {
+    let _ = STALE_READS.set(stale);
+}
+
+/// Marks requests with `muster-read: stale` when `--stale` was given: the
+/// scheduler then answers from its own state without a ReadIndex round.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadMode;
+
+impl tonic::service::Interceptor for ReadMode {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if STALE_READS.get().copied().unwrap_or(false) {
+            req.metadata_mut().insert(
+                "muster-read",
+                tonic::metadata::MetadataValue::from_static("stale"),
+            );
+        }
+        Ok(req)
+    }
+}
 
 /// How long to wait for a TCP (and HTTP/2) connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,12 +85,12 @@ enum Peer {
 /// failing within [`CONNECT_TIMEOUT`] if nothing answers there. `addr` may
 /// list several schedulers separated by commas: the first that answers is
 /// used (any member serves clients).
-pub async fn connect(addr: &str) -> Result<MusterClient<Channel>, ClientError> {
+pub async fn connect(addr: &str) -> Result<Client, ClientError> {
     connect_any(addr).await.map(|(_, c)| c)
 }
 
 /// Like [`connect`], also returning the address that answered.
-pub async fn connect_any(addr: &str) -> Result<(String, MusterClient<Channel>), ClientError> {
+pub async fn connect_any(addr: &str) -> Result<(String, Client), ClientError> {
     let addrs: Vec<&str> = addr
         .split(',')
         .map(str::trim)
@@ -71,7 +99,12 @@ pub async fn connect_any(addr: &str) -> Result<(String, MusterClient<Channel>), 
     let mut last = None;
     for a in &addrs {
         match open_channel(a, Peer::Scheduler).await {
-            Ok(channel) => return Ok((a.to_string(), MusterClient::new(channel))),
+            Ok(channel) => {
+                return Ok((
+                    a.to_string(),
+                    MusterClient::with_interceptor(channel, ReadMode),
+                ))
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -263,7 +296,7 @@ pub struct Scheduler {
     addr: String,
     /// Every address given (comma-separated), for failing over.
     all: String,
-    inner: MusterClient<Channel>,
+    inner: Client,
 }
 
 impl Scheduler {

@@ -314,3 +314,67 @@ fn a_cut_off_leader_stops_taking_writes_and_the_cluster_heals() {
         c.wait_converged(T).expect("converged after healing");
     }
 }
+
+#[test]
+fn reads_are_linearizable_and_stale_reads_are_opt_in() {
+    let c = three(ClusterSpec {
+        proxies: true,
+        ..ClusterSpec::default()
+    });
+    let leader = c.leader().expect("leader");
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let muster = |addr: &str, args: &[&str]| {
+        std::process::Command::new(muster_tests::binary("muster"))
+            .arg("--addr")
+            .arg(addr)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A write through one follower is visible at once through the other.
+    let out = muster(
+        &c.sched_addrs[followers[0]],
+        &["submit", "--tasks", "2", "--gpus", "4", "--", "true"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = muster(&c.sched_addrs[followers[1]], &["show", &id]);
+    assert!(
+        out.status.success(),
+        "read-your-writes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Cut the second follower off: it cannot confirm reads, and says so in bounded time.
+    let f = followers[1];
+    for other in (0..3).filter(|o| *o != f) {
+        c.proxies[&(f, other)].set_blocked(true);
+        c.proxies[&(other, f)].set_blocked(true);
+    }
+    let start = std::time::Instant::now();
+    let out = muster(&c.sched_addrs[f], &["show", &id]);
+    assert!(
+        !out.status.success(),
+        "a cut-off node served a linearizable read"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("up-to-date read"));
+    // A stale read is served from what it has.
+    let out = muster(&c.sched_addrs[f], &["--stale", "show", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in c.proxies.values() {
+        p.set_blocked(false);
+    }
+    c.wait_converged(T).expect("converged");
+}

@@ -51,6 +51,7 @@ impl Ctx {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::client::set_stale_reads(cli.global.stale);
     let ctx = Ctx { global: cli.global };
     match cli.command {
         Command::Submit(args) => submit::run(&ctx, args).await,

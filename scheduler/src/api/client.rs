@@ -129,6 +129,7 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
+        self.ctx.linearize(&req).await?;
         self.job_info(JobId(req.into_inner().id)).map(Response::new)
     }
 
@@ -136,6 +137,7 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.ctx.linearize(&req).await?;
         let all = req.into_inner().all;
         let state = self.ctx.raft.state();
         let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
@@ -168,8 +170,9 @@ impl Muster for ClientApi {
 
     async fn list_nodes(
         &self,
-        _req: Request<pb::ListNodesRequest>,
+        req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.ctx.linearize(&req).await?;
         let state = self.ctx.raft.state();
         let leases = self.ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
@@ -198,8 +201,9 @@ impl Muster for ClientApi {
 
     async fn list_tenants(
         &self,
-        _req: Request<pb::ListTenantsRequest>,
+        req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        self.ctx.linearize(&req).await?;
         let state = self.ctx.raft.state();
         let tenants = state
             .tenants

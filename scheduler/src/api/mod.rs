@@ -62,12 +62,33 @@ impl Ctx {
         }
     }
 
+    /// Make a read linearizable: wait until this node has applied everything
+    /// committed before the request arrived (Raft ReadIndex, confirmed by the
+    /// leader's quorum). A request with `muster-read: stale` skips this and
+    /// reads this node's state as it is.
+    pub async fn linearize<T>(&self, req: &tonic::Request<T>) -> Result<(), Status> {
+        if req
+            .metadata()
+            .get(STALE_READ_HEADER)
+            .is_some_and(|v| v == "stale")
+        {
+            return Ok(());
+        }
+        self.raft
+            .read_barrier()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot serve an up-to-date read: {e}")))
+    }
+
     /// Record that an agent was heard from.
     pub fn touch(&self, node: &str) {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         leases.insert(node.to_string(), Instant::now());
     }
 }
+
+/// Request header asking for a stale (local, unconfirmed) read.
+pub const STALE_READ_HEADER: &str = "muster-read";
 
 /// Milliseconds since the Unix epoch (stamped into commands by the leader).
 pub fn now_ms() -> i64 {
