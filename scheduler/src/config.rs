@@ -43,7 +43,7 @@ fn default_heartbeat() -> Duration {
     Duration::from_secs(2)
 }
 fn default_tick() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 fn default_election_ticks() -> usize {
     10

@@ -111,6 +111,8 @@ enum Request {
 /// A cheap handle to the running driver.
 #[derive(Clone)]
 pub struct RaftHandle {
+    /// Connections to leaders proposals were forwarded to, reused.
+    forwards: Arc<std::sync::Mutex<HashMap<u64, transport::PeerClient>>>,
     tx: mpsc::Sender<Request>,
     state: Arc<RwLock<State>>,
     status: watch::Receiver<RaftStatus>,
@@ -151,14 +153,37 @@ impl RaftHandle {
             .book()
             .get(leader)
             .ok_or_else(|| fail("no address known".into()))?;
+        let cached = self
+            .forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&leader)
+            .cloned();
         let call = async {
-            let mut client = transport::connect(&addr).await.map_err(fail)?;
+            let mut client = match cached {
+                Some(c) => c,
+                None => {
+                    let c = transport::connect(&addr).await.map_err(fail)?;
+                    self.forwards
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(leader, c.clone());
+                    c
+                }
+            };
             let resp = client
                 .propose(muster_proto::ProposeRequest {
                     command: cmd.encode(),
                 })
                 .await
-                .map_err(|s| fail(s.message().to_string()))?
+                .map_err(|s| {
+                    // Drop a broken connection; the next forward reconnects.
+                    self.forwards
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&leader);
+                    fail(s.message().to_string())
+                })?
                 .into_inner();
             if !resp.error.is_empty() {
                 return Err(fail(resp.error));
@@ -328,6 +353,7 @@ pub fn start(
     let task = tokio::spawn(driver.run(rx, inbound_rx, feedback_rx, shutdown));
     Ok((
         RaftHandle {
+            forwards: Arc::new(std::sync::Mutex::new(HashMap::new())),
             tx,
             state,
             status: status_rx,

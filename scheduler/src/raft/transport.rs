@@ -145,8 +145,11 @@ struct Peer {
     links: Arc<Mutex<BTreeMap<u64, String>>>,
 }
 
+/// A client of another scheduler's peer service.
+pub type PeerClient = RaftPeerClient<tonic::transport::Channel>;
+
 /// Connect to a scheduler's gRPC endpoint with the peer limits.
-pub async fn connect(addr: &str) -> Result<RaftPeerClient<tonic::transport::Channel>, String> {
+pub async fn connect(addr: &str) -> Result<PeerClient, String> {
     let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)

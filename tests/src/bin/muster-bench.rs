@@ -7,6 +7,15 @@
 //!     a time: from just before the Submit RPC until GetJob first shows the job
 //!     running (or already finished), polled every millisecond.
 //!
+//!   muster-bench concurrent [--addr URLS] [--clients 32] [--jobs 20000]
+//!     Acknowledged submissions per second from many concurrent clients (one
+//!     connection each), with p50/p99 latency. Without --addr it starts its
+//!     own 3-scheduler cluster on loopback (release binaries beside this one).
+//!
+//!   muster-bench failover [--runs 10]
+//!     Starts a 3-scheduler cluster; each run kills the leader with SIGKILL and
+//!     measures the time to the first submission acknowledged after it.
+//!
 //!   muster-bench submit [--addr URL] [--jobs 1000]
 //!     Sequential Submit RPCs on one connection (no process start per job):
 //!     the server side of `muster submit`. Jobs ask for 16 GPUs and queue.
@@ -37,11 +46,139 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("latency") => latency(&args).await,
         Some("submit") => submit(&args).await,
+        Some("concurrent") => concurrent(&args).await,
+        Some("failover") => failover(&args).await,
         _ => {
-            eprintln!("usage: muster-bench latency|submit [--addr URL] [--jobs N]");
+            eprintln!("usage: muster-bench latency|submit|concurrent|failover [options]");
             std::process::exit(2);
         }
     }
+}
+
+fn queued_spec() -> JobSpec {
+    JobSpec {
+        name: "bench".into(),
+        tasks: 2,
+        gpus_per_task: 8,
+        cpu_millis_per_task: 100,
+        memory_bytes_per_task: 64 << 20,
+        command: vec!["true".into()],
+        workdir: "/".into(),
+        ..Default::default()
+    }
+}
+
+fn three_schedulers() -> anyhow::Result<muster_tests::Cluster> {
+    muster_tests::Cluster::start(muster_tests::ClusterSpec {
+        schedulers: 3,
+        agents: 1,
+        gpus_per_agent: 8,
+        cgroups: false,
+        ..Default::default()
+    })
+}
+
+async fn concurrent(args: &[String]) -> anyhow::Result<()> {
+    let own = if args.iter().any(|a| a == "--addr") {
+        None
+    } else {
+        Some(three_schedulers()?)
+    };
+    let addrs: Vec<String> = match &own {
+        Some(c) => c.sched_addrs.clone(),
+        None => arg(args, "--addr", "").split(',').map(str::to_string).collect(),
+    };
+    let clients: usize = arg(args, "--clients", "32").parse()?;
+    let jobs: usize = arg(args, "--jobs", "20000").parse()?;
+    let user = user()?;
+    let per_client = jobs / clients;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..clients {
+        let addr = addrs[i % addrs.len()].clone();
+        let user = user.clone();
+        handles.push(tokio::spawn(async move {
+            let mut client = MusterClient::connect(addr).await?;
+            let mut lat = Vec::with_capacity(per_client);
+            for n in 0..per_client {
+                let t0 = Instant::now();
+                client
+                    .submit(SubmitRequest {
+                        spec: Some(queued_spec()),
+                        user: user.clone(),
+                        request_id: format!("bench-{i}-{n}"),
+                    })
+                    .await?;
+                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut samples = Vec::new();
+    for h in handles {
+        samples.extend(h.await??);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{{\"bench\":\"concurrent_submit\",\"schedulers\":{},\"clients\":{clients},\"jobs\":{},\"per_second\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2}}}",
+        addrs.len(),
+        samples.len(),
+        samples.len() as f64 / secs,
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0)
+    );
+    Ok(())
+}
+
+async fn failover(args: &[String]) -> anyhow::Result<()> {
+    let runs: usize = arg(args, "--runs", "10").parse()?;
+    let mut c = three_schedulers()?;
+    let user = user()?;
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        let leader = c.wait_leader(Duration::from_secs(20))?;
+        let others: Vec<String> = (0..3)
+            .filter(|i| *i != leader)
+            .map(|i| c.sched_addrs[i].clone())
+            .collect();
+        c.kill_scheduler_node(leader);
+        let t0 = Instant::now();
+        let mut k = 0;
+        'retry: loop {
+            for addr in &others {
+                k += 1;
+                let Ok(mut client) = MusterClient::connect(addr.clone()).await else {
+                    continue;
+                };
+                let req = SubmitRequest {
+                    spec: Some(queued_spec()),
+                    user: user.clone(),
+                    request_id: format!("failover-{run}"),
+                };
+                if client.submit(req).await.is_ok() {
+                    break 'retry;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("no write acknowledged 30 s after killing the leader");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("run {run}: killed node {} -> first ack after {ms:.0} ms ({k} attempts)", leader + 1);
+        samples.push(ms);
+        c.start_scheduler_node(leader)?;
+        c.wait_converged(Duration::from_secs(30))?;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{{\"bench\":\"failover\",\"runs\":{runs},\"median_ms\":{:.0},\"min_ms\":{:.0},\"max_ms\":{:.0}}}",
+        percentile(&samples, 50.0),
+        samples[0],
+        samples[samples.len() - 1]
+    );
+    Ok(())
 }
 
 fn user() -> anyhow::Result<String> {
