@@ -14,6 +14,8 @@
 //! the snapshot and raft-rs re-delivers the committed entries after it.
 
 mod logger;
+#[cfg(test)]
+mod sim;
 pub mod storage;
 pub mod transport;
 
