@@ -86,7 +86,10 @@ async fn concurrent(args: &[String]) -> anyhow::Result<()> {
     };
     let addrs: Vec<String> = match &own {
         Some(c) => c.sched_addrs.clone(),
-        None => arg(args, "--addr", "").split(',').map(str::to_string).collect(),
+        None => arg(args, "--addr", "")
+            .split(',')
+            .map(str::to_string)
+            .collect(),
     };
     let clients: usize = arg(args, "--clients", "32").parse()?;
     let jobs: usize = arg(args, "--jobs", "20000").parse()?;
@@ -166,7 +169,10 @@ async fn failover(args: &[String]) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        eprintln!("run {run}: killed node {} -> first ack after {ms:.0} ms ({k} attempts)", leader + 1);
+        eprintln!(
+            "run {run}: killed node {} -> first ack after {ms:.0} ms ({k} attempts)",
+            leader + 1
+        );
         samples.push(ms);
         c.start_scheduler_node(leader)?;
         c.wait_converged(Duration::from_secs(30))?;
