@@ -34,7 +34,7 @@ mod verdict;
 pub use verdict::{format_time, Verdict};
 
 use crate::model::{Job, JobId, JobState};
-use crate::state::{Placement, PreemptOrder, State, TenantUse};
+use crate::state::{Placement, PreemptOrder, State};
 use placement::{Cluster, Miss, Req, FOREVER};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -119,12 +119,13 @@ pub fn plan(state: &State, policy: &Policy, now_ms: i64) -> Plan {
         policy,
         now_ms,
         cl: Cluster::new(state),
-        used: state.tenant_use.clone(),
+        tree: quota::Tree::new(state),
         timeline: None,
         taken: BTreeSet::new(),
         out: Plan::default(),
         preemptors: 0,
         reserve_tries: 0,
+        ends: Vec::new(),
         lowest_running: state
             .active
             .iter()
@@ -138,16 +139,15 @@ pub fn plan(state: &State, policy: &Policy, now_ms: i64) -> Plan {
             waiting.entry(f).or_default().push(j);
         }
     }
-    let order = queue::order(state, policy);
-    for &id in &order {
-        let Some(job) = state.jobs.get(&id) else {
-            continue;
-        };
-        if let Some(v) = pass.consider(job, waiting.get(&id).map(Vec::as_slice)) {
-            pass.out.verdicts.insert(id, v);
+    let order = queue::order_jobs(state, policy);
+    let mut verdicts = Vec::new();
+    for &job in &order {
+        if let Some(v) = pass.consider(job, waiting.get(&job.id).map(Vec::as_slice)) {
+            verdicts.push((job.id, v));
         }
     }
-    pass.out.order = order;
+    pass.out.verdicts = verdicts.into_iter().collect();
+    pass.out.order = order.iter().map(|j| j.id).collect();
     pass.out
 }
 
@@ -156,13 +156,15 @@ struct Pass<'a> {
     policy: &'a Policy,
     now_ms: i64,
     cl: Cluster<'a>,
-    used: BTreeMap<String, TenantUse>,
+    tree: quota::Tree<'a>,
     timeline: Option<backfill::Timeline>,
     taken: BTreeSet<JobId>,
     out: Plan,
     preemptors: usize,
     /// Gangs that tried for a reservation (each try replays the timeline).
     reserve_tries: usize,
+    /// When each of this pass's placements will end, by time limit.
+    ends: Vec<i64>,
     /// The lowest priority weight among running jobs (who could be preempted).
     lowest_running: Option<u32>,
 }
@@ -174,14 +176,10 @@ impl Pass<'_> {
             return Some(Verdict::NoNodes);
         }
         let need = quota::need_of(&job.spec);
-        let used = &self.used;
-        let check = quota::check(
-            &self.state.tenants,
-            |t| used.get(t).copied().unwrap_or_default(),
-            &job.spec.tenant,
-            need,
-        );
-        if let Err(b) = check {
+        let Some(ti) = self.tree.idx(&job.spec.tenant) else {
+            return None; // a job of a deleted tenant: nothing to say
+        };
+        if let Err(b) = self.tree.check(ti, need) {
             return Some(Verdict::TenantLimit(b));
         }
         let req = Req {
@@ -192,7 +190,8 @@ impl Pass<'_> {
         let topo = job.spec.topology.as_ref();
         let miss = match self.cl.pick(&req, topo, end) {
             Ok(picks) => {
-                self.place(job, &req, &picks, end, need);
+                self.place(job, &req, &picks, end);
+                self.tree.book(ti, need);
                 return None;
             }
             Err(m) => m,
@@ -227,18 +226,15 @@ impl Pass<'_> {
         })
     }
 
-    fn place(&mut self, job: &Job, req: &Req, picks: &[(u32, u32)], end: i64, need: TenantUse) {
+    fn place(&mut self, job: &Job, req: &Req, picks: &[(u32, u32)], end: i64) {
         let tasks = self.cl.commit(req, picks);
         if let Some(tl) = self.timeline.as_mut() {
             for t in &tasks {
                 tl.add(&self.cl, end, t);
             }
         }
-        for name in crate::model::Tenant::lineage(&job.spec.tenant) {
-            let e = self.used.entry(name.to_string()).or_default();
-            *e = e.plus(need);
-        }
         self.out.placements.push(Placement { job: job.id, tasks });
+        self.ends.push(end);
     }
 
     /// A job that would fit if it could use reserved nodes waits for them.
@@ -283,7 +279,10 @@ impl Pass<'_> {
             .tenants
             .get(&job.spec.tenant)
             .map_or(0, |t| t.guarantee_gpus);
-        let held = self.used.get(&job.spec.tenant).map_or(0, |u| u.gpus);
+        let held = self
+            .tree
+            .idx(&job.spec.tenant)
+            .map_or(0, |i| self.tree.used(i).gpus);
         let reclaims = held.saturating_add(job.total_gpus()) <= guarantee;
         if !outranks && !reclaims {
             return None;
@@ -294,7 +293,7 @@ impl Pass<'_> {
             self.policy,
             &self.cl,
             job,
-            &self.used,
+            &self.tree,
             &self.taken,
             self.now_ms,
         )?;
@@ -313,9 +312,16 @@ impl Pass<'_> {
         }
         self.reserve_tries += 1;
         let (state, cl, now) = (self.state, &self.cl, self.now_ms);
-        let tl = self
-            .timeline
-            .get_or_insert_with(|| backfill::Timeline::new(state, cl, now));
+        let (placed, ends) = (&self.out.placements, &self.ends);
+        let tl = self.timeline.get_or_insert_with(|| {
+            let mut tl = backfill::Timeline::new(state, cl, now);
+            for (p, end) in placed.iter().zip(ends) {
+                for t in &p.tasks {
+                    tl.add(cl, *end, t);
+                }
+            }
+            tl
+        });
         let (start, picks) = tl.reserve(&self.cl, req, job.spec.topology.as_ref())?;
         let nodes: Vec<String> = picks
             .iter()

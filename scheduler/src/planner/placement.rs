@@ -97,6 +97,8 @@ pub struct Cluster<'a> {
     buckets: Vec<BTreeSet<u32>>,
     /// Nodes currently held by a reservation.
     pub reserved: BTreeSet<u32>,
+    /// The most free GPUs any node had at the start (the index's top bucket).
+    top: usize,
 }
 
 impl<'a> Cluster<'a> {
@@ -107,6 +109,7 @@ impl<'a> Cluster<'a> {
             slots: Vec::new(),
             buckets: vec![BTreeSet::new(); MAX_GPUS_PER_NODE + 1],
             reserved: BTreeSet::new(),
+            top: 0,
         };
         for n in state.nodes.values().filter(|n| n.state == NodeState::Ready) {
             let u = state.usage.get(&n.name);
@@ -127,6 +130,7 @@ impl<'a> Cluster<'a> {
                 reserved_until: None,
             });
             c.buckets[free.count_ones() as usize].insert(i);
+            c.top = c.top.max(free.count_ones() as usize);
         }
         c
     }
@@ -150,7 +154,12 @@ impl<'a> Cluster<'a> {
     /// Hold node `i` for a reservation starting at `until`.
     pub fn reserve(&mut self, i: u32, until: i64) {
         let s = &mut self.slots[i as usize];
-        let t = s.reserved_until.map_or(until, |t| t.min(until));
+        // The tighter hold wins: an earlier start, or a hold with no end.
+        let t = match s.reserved_until {
+            Some(t) if t == FOREVER || until == FOREVER => FOREVER,
+            Some(t) => t.min(until),
+            None => until,
+        };
         s.reserved_until = Some(t);
         self.buckets[s.free.count_ones() as usize].remove(&i);
         self.reserved.insert(i);
@@ -163,7 +172,7 @@ impl<'a> Cluster<'a> {
             return u32::MAX;
         }
         let g = r.gpus as usize;
-        (g..=MAX_GPUS_PER_NODE)
+        (g..=self.top)
             .map(|k| self.buckets[k].len() as u32 * (k / g) as u32)
             .sum()
     }
@@ -224,7 +233,7 @@ impl<'a> Cluster<'a> {
         let r = &req.per_task;
         let g = r.gpus as usize;
         let whole = (req.tasks as usize).saturating_mul(g);
-        for k in whole..=MAX_GPUS_PER_NODE {
+        for k in whole..=self.top {
             for &i in &self.buckets[k] {
                 if self.slots[i as usize].tasks_fit(r) >= req.tasks {
                     return Ok(vec![(i, req.tasks)]);
@@ -233,7 +242,7 @@ impl<'a> Cluster<'a> {
         }
         let mut picks: Vec<(u32, u32)> = Vec::new();
         let mut got = 0;
-        'outer: for k in (g..=MAX_GPUS_PER_NODE).rev() {
+        'outer: for k in (g..=self.top).rev() {
             for &i in &self.buckets[k] {
                 let n = self.slots[i as usize].tasks_fit(r).min(req.tasks - got);
                 if n > 0 {

@@ -14,7 +14,7 @@
 use super::placement::{choose_topo, tasks_fit, Cand, Cluster, Picks, Req};
 use super::Policy;
 use crate::model::{Job, JobId, JobState, Tenant};
-use crate::state::{PreemptOrder, State, TenantUse};
+use crate::state::{PreemptOrder, State};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Most victims considered for one preemptor.
@@ -32,13 +32,16 @@ pub fn find(
     policy: &Policy,
     cl: &Cluster,
     job: &Job,
-    planned_use: &BTreeMap<String, TenantUse>,
+    tree: &super::quota::Tree,
     taken: &BTreeSet<JobId>,
     now_ms: i64,
 ) -> Option<(Vec<PreemptOrder>, Picks)> {
     let mine = policy.weight(&job.spec.priority);
     let tenant = state.tenants.get(&job.spec.tenant)?;
-    let used = planned_use.get(&tenant.name).copied().unwrap_or_default();
+    let used = tree
+        .idx(&tenant.name)
+        .map(|i| tree.used(i))
+        .unwrap_or_default();
     let below_guarantee = used.gpus.saturating_add(job.total_gpus()) <= tenant.guarantee_gpus;
     let mut victims: Vec<Victim> = state
         .active

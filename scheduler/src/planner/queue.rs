@@ -8,10 +8,10 @@
 //! `Command::AccrueUsage` (half-life from config); the planner only reads it.
 
 use super::Policy;
-use crate::model::{JobId, Tenant};
+use crate::model::{Job, JobId, JobState, Tenant};
 use crate::state::State;
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Each tenant's rank by fair share (0 = most deserving).
 pub fn tenant_ranks(state: &State) -> BTreeMap<&str, u32> {
@@ -54,24 +54,69 @@ pub fn tenant_ranks(state: &State) -> BTreeMap<&str, u32> {
 
 /// Pending jobs in the order the planner considers them.
 pub fn order(state: &State, policy: &Policy) -> Vec<JobId> {
-    let ranks = tenant_ranks(state);
-    let mut keyed: Vec<(Reverse<u32>, u32, i64, JobId)> = state
-        .pending
-        .iter()
-        .filter_map(|id| state.jobs.get(id))
+    order_jobs(state, policy).iter().map(|j| j.id).collect()
+}
+
+/// [`order`], as the jobs themselves.
+pub fn order_jobs<'a>(state: &'a State, policy: &Policy) -> Vec<&'a Job> {
+    let ranks: HashMap<&str, u32, Fnv> = tenant_ranks(state).into_iter().collect();
+    let weights: HashMap<&str, u32, Fnv> = policy
+        .classes
+        .keys()
+        .map(|c| (c.as_str(), policy.weight(c)))
+        .collect();
+    let default = policy.weight("");
+    // Walking the job map in order beats a lookup per pending id unless
+    // most jobs have finished.
+    let pending: Box<dyn Iterator<Item = &Job>> = if state.pending.len() * 8 >= state.jobs.len() {
+        // `pending` holds exactly the jobs in state Pending.
+        Box::new(state.jobs.values().filter(|j| j.state == JobState::Pending))
+    } else {
+        Box::new(state.pending.iter().filter_map(|id| state.jobs.get(id)))
+    };
+    let mut keyed: Vec<(Reverse<u32>, u32, i64, JobId, &Job)> = pending
         .map(|j| {
             let rank = ranks
                 .get(j.spec.tenant.as_str())
                 .copied()
                 .unwrap_or(u32::MAX);
-            (
-                Reverse(policy.weight(&j.spec.priority)),
-                rank,
-                j.submitted_at_ms,
-                j.id,
-            )
+            let w = weights
+                .get(j.spec.priority.as_str())
+                .copied()
+                .unwrap_or(default);
+            (Reverse(w), rank, j.submitted_at_ms, j.id, j)
         })
         .collect();
-    keyed.sort_unstable();
-    keyed.into_iter().map(|k| k.3).collect()
+    keyed.sort_unstable_by_key(|k| (k.0, k.1, k.2, k.3));
+    keyed.into_iter().map(|k| k.4).collect()
+}
+
+/// FNV-1a: a fast hasher for the planner's small string-keyed maps (tenant
+/// and class names come from admins, not from attackers).
+#[derive(Default, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+impl std::hash::BuildHasher for Fnv {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0)
+    }
 }

@@ -72,42 +72,120 @@ pub fn check(
     need: TenantUse,
 ) -> Result<(), QuotaBlock> {
     for name in Tenant::lineage(tenant) {
-        let Some(t) = tenants.get(name) else { continue };
-        let used = use_of(name);
-        let checks = [
-            (
-                QuotaResource::Gpus,
-                t.gpu_limit.map(u64::from),
-                u64::from(used.gpus),
-                u64::from(need.gpus),
-            ),
-            (
-                QuotaResource::Cpus,
-                t.cpu_limit_millis,
-                used.cpu_millis,
-                need.cpu_millis,
-            ),
-            (
-                QuotaResource::Memory,
-                t.memory_limit_bytes,
-                used.memory_bytes,
-                need.memory_bytes,
-            ),
-        ];
-        for (resource, limit, used, need) in checks {
-            if let Some(limit) = limit {
-                if used.saturating_add(need) > limit {
-                    return Err(QuotaBlock {
-                        tenant: tenant.to_string(),
-                        at: name.to_string(),
-                        resource,
-                        limit,
-                        used,
-                        need,
-                    });
-                }
+        if let Some(t) = tenants.get(name) {
+            check_one(t, use_of(name), tenant, need)?;
+        }
+    }
+    Ok(())
+}
+
+/// One tenant's limits against what its subtree holds plus `need`.
+fn check_one(
+    t: &Tenant,
+    used: TenantUse,
+    job_tenant: &str,
+    need: TenantUse,
+) -> Result<(), QuotaBlock> {
+    let checks = [
+        (
+            QuotaResource::Gpus,
+            t.gpu_limit.map(u64::from),
+            u64::from(used.gpus),
+            u64::from(need.gpus),
+        ),
+        (
+            QuotaResource::Cpus,
+            t.cpu_limit_millis,
+            used.cpu_millis,
+            need.cpu_millis,
+        ),
+        (
+            QuotaResource::Memory,
+            t.memory_limit_bytes,
+            used.memory_bytes,
+            need.memory_bytes,
+        ),
+    ];
+    for (resource, limit, used, need) in checks {
+        if let Some(limit) = limit {
+            if used.saturating_add(need) > limit {
+                return Err(QuotaBlock {
+                    tenant: job_tenant.to_string(),
+                    at: t.name.clone(),
+                    resource,
+                    limit,
+                    used,
+                    need,
+                });
             }
         }
     }
     Ok(())
+}
+
+/// The tenant tree indexed for one planning pass: integer parents and
+/// in-pass bookings, so the limit check per job does no string work.
+pub struct Tree<'a> {
+    index: std::collections::HashMap<&'a str, usize, super::queue::Fnv>,
+    tenants: Vec<&'a Tenant>,
+    parent: Vec<Option<usize>>,
+    used: Vec<TenantUse>,
+}
+
+impl<'a> Tree<'a> {
+    /// The tree of `state`, with what each subtree holds now.
+    pub fn new(state: &'a crate::state::State) -> Tree<'a> {
+        let tenants: Vec<&Tenant> = state.tenants.values().collect();
+        let index: std::collections::HashMap<&str, usize, super::queue::Fnv> = tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let parent = tenants
+            .iter()
+            .map(|t| Tenant::parent_of(&t.name).and_then(|p| index.get(p).copied()))
+            .collect();
+        let used = tenants.iter().map(|t| state.tenant_use(&t.name)).collect();
+        Tree {
+            index,
+            tenants,
+            parent,
+            used,
+        }
+    }
+
+    /// A tenant's index.
+    pub fn idx(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// The tenant at an index.
+    pub fn tenant(&self, i: usize) -> &'a Tenant {
+        self.tenants[i]
+    }
+
+    /// What the subtree holds, with this pass's bookings.
+    pub fn used(&self, i: usize) -> TenantUse {
+        self.used[i]
+    }
+
+    fn lineage(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        std::iter::successors(Some(i), |&j| self.parent[j])
+    }
+
+    /// [`check`] by index.
+    pub fn check(&self, i: usize, need: TenantUse) -> Result<(), QuotaBlock> {
+        for j in self.lineage(i) {
+            check_one(self.tenants[j], self.used[j], &self.tenants[i].name, need)?;
+        }
+        Ok(())
+    }
+
+    /// Book a placed gang on the tenant and its ancestors.
+    pub fn book(&mut self, i: usize, need: TenantUse) {
+        let line: Vec<usize> = self.lineage(i).collect();
+        for j in line {
+            self.used[j] = self.used[j].plus(need);
+        }
+    }
 }
