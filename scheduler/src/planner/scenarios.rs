@@ -494,3 +494,22 @@ fn verdicts_read_as_sentences() {
     );
     assert_eq!(p.order, vec![waiting]);
 }
+
+#[test]
+fn a_reservation_counts_jobs_placed_in_the_same_pass() {
+    let mut s = Sim::new(&[("a", 8)]);
+    let first = s.job("default", 1, 8, limit(3600));
+    let second = s.job("default", 1, 8, limit(3600));
+    let now = s.w.now;
+    let p = plan(&s.w.s, &s.policy, now);
+    assert_eq!(p.placements.len(), 1);
+    assert_eq!(p.placements[0].job, first);
+    assert_eq!(
+        p.verdicts[&second],
+        Verdict::Reserved {
+            start_ms: now + 3600 * 1000,
+            now_ms: now,
+            nodes: vec!["a".into()],
+        }
+    );
+}
