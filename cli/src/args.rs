@@ -118,6 +118,11 @@ pub struct SubmitArgs {
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
 
+    /// Submit N identical jobs at once (a job array); each gets
+    /// MUSTER_ARRAY_INDEX=0..N-1 and prints as FIRST-LAST
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub array: Option<u32>,
+
     /// Number of tasks, placed all or nothing [default: 1]
     #[arg(long, value_name = "N", value_parser = spec::parse_tasks)]
     pub tasks: Option<u32>,

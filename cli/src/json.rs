@@ -19,6 +19,8 @@ use crate::output::{job_state_name, signal_name, task_state_name};
 #[derive(Debug, Serialize)]
 pub struct Submitted {
     pub id: u64,
+    /// Jobs created: 1, or the size of a job array (ids `id..id+count`).
+    pub count: u32,
 }
 
 /// `muster cancel --json`.

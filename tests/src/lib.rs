@@ -253,14 +253,15 @@ impl Cluster {
             c.schedulers.push(None);
             c.start_scheduler_node(i)?;
         }
-        c.wait_leader(Duration::from_secs(20))?;
+        c.wait_leader(Duration::from_secs(30))
+            .map_err(|e| anyhow!("{e}; logs: {}", c.log_tail()))?;
         for i in 0..c.spec.agents {
             c.write_agent_config(i)?;
             c.agents.push(None);
             c.start_agent(i)?;
         }
         let n = c.spec.agents;
-        wait_for("agents to register", Duration::from_secs(30), || {
+        let registered = wait_for("agents to register", Duration::from_secs(60), || {
             let v = c.json(&["nodes"]).ok()?;
             let ready = v["nodes"]
                 .as_array()?
@@ -268,7 +269,9 @@ impl Cluster {
                 .filter(|n| n["state"] == "ready")
                 .count();
             (ready == n).then_some(())
-        })?;
+        });
+        // The folder goes with the cluster: say what the daemons said.
+        registered.map_err(|e| anyhow!("{e}; logs: {}", c.log_tail()))?;
         Ok(c)
     }
 

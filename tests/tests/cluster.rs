@@ -309,3 +309,37 @@ fn failed_task_fails_its_gang_and_kills_the_others() {
     })
     .expect("killed");
 }
+
+#[test]
+fn job_array_submits_n_jobs_with_their_index() {
+    let c = Cluster::start(ClusterSpec {
+        agents: 1,
+        ..ClusterSpec::default()
+    })
+    .expect("cluster");
+    let v = c
+        .json(&[
+            "submit",
+            "--array",
+            "3",
+            "--name",
+            "sweep",
+            "--",
+            "sh",
+            "-c",
+            "echo $MUSTER_ARRAY_INDEX",
+        ])
+        .expect("submit");
+    let first = v["id"].as_u64().expect("id");
+    assert_eq!(v["count"], 3);
+    for i in 0..3u64 {
+        let job = c.wait_state(first + i, "completed", T).expect("completed");
+        assert_eq!(job["spec"]["name"], format!("sweep[{i}]"));
+        let out = c.ok(&["logs", &(first + i).to_string()]).expect("logs");
+        assert_eq!(out.trim(), i.to_string());
+    }
+    let out = c
+        .muster(&["submit", "--array", "0", "--", "true"])
+        .expect("run");
+    assert!(!out.status.success());
+}

@@ -70,6 +70,10 @@ pub struct Runtime {
     cgroups: Option<Arc<dyn Cgroups>>,
     events: mpsc::UnboundedSender<Event>,
     inner: Mutex<Inner>,
+    /// Held for a whole reconcile, decision and actions: two concurrent
+    /// reconciles (a new assignment set and a task exit) would otherwise both
+    /// see a task as missing and start it twice.
+    reconciling: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -95,6 +99,7 @@ impl Runtime {
             cgroups,
             events,
             inner: Mutex::new(Inner::default()),
+            reconciling: Mutex::new(()),
         });
         rt.adopt()?;
         Ok(rt)
@@ -193,6 +198,7 @@ impl Runtime {
 
     /// Run the pure reconcile and carry out its actions.
     pub fn reconcile(self: &Arc<Self>) {
+        let _one_at_a_time = self.reconciling.lock().unwrap_or_else(|p| p.into_inner());
         let (actions, starts) = {
             let inner = self.lock();
             let desired: Vec<Desired> = inner

@@ -12,6 +12,7 @@ use crate::spec::{self, PartialSpec, SpecError};
 
 /// Submits the job and prints its id.
 pub async fn run(ctx: &Ctx, args: SubmitArgs) -> anyhow::Result<()> {
+    let array = args.array.unwrap_or(1);
     let spec = build_spec(args)?;
     let user = current_user()?;
     let mut scheduler = ctx.scheduler().await?;
@@ -19,10 +20,15 @@ pub async fn run(ctx: &Ctx, args: SubmitArgs) -> anyhow::Result<()> {
         spec: Some(spec),
         user,
         request_id: String::new(),
+        array,
     };
+    let count = request.array.max(1);
     let id = scheduler.submit(request).await?;
     if ctx.json() {
-        json::print(&json::Submitted { id })
+        json::print(&json::Submitted { id, count })
+    } else if count > 1 {
+        println!("{id}-{}", id + u64::from(count) - 1);
+        Ok(())
     } else {
         println!("{id}");
         Ok(())

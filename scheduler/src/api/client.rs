@@ -87,14 +87,31 @@ impl Muster for ClientApi {
             .scheduling
             .check_class(&spec.priority)
             .map_err(Status::invalid_argument)?;
-        let cmd = Command::Submit {
-            spec,
-            user: req.user,
-            at_ms: now_ms(),
-            request_id: Some(req.request_id).filter(|k| !k.is_empty() && k.len() <= 128),
+        if req.request_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "request_id: longer than 128 characters",
+            ));
+        }
+        let request_id = Some(req.request_id).filter(|k| !k.is_empty());
+        let count = req.array.max(1);
+        let cmd = if count > 1 {
+            Command::SubmitArray {
+                spec,
+                user: req.user,
+                at_ms: now_ms(),
+                request_id,
+                count,
+            }
+        } else {
+            Command::Submit {
+                spec,
+                user: req.user,
+                at_ms: now_ms(),
+                request_id,
+            }
         };
         match self.ctx.propose(cmd).await? {
-            ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0 })),
+            ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0, count })),
             other => Err(Status::internal(format!(
                 "unexpected apply result {other:?}"
             ))),

@@ -17,6 +17,8 @@ const MASTER_PORT_RANGE: u16 = 1000;
 /// Idempotency keys remembered; a client retries within seconds, so the last
 /// hundred thousand submissions are plenty.
 const MAX_SUBMIT_KEYS: usize = 100_000;
+/// Most jobs in one array submission.
+pub const MAX_ARRAY: u32 = 100_000;
 
 impl State {
     /// Apply one command. Deterministic; see the module docs.
@@ -32,6 +34,22 @@ impl State {
                     return ApplyResult::Submitted(*id);
                 }
                 let r = self.submit(spec, user, *at_ms);
+                if let (ApplyResult::Submitted(id), Some(key)) = (&r, request_id) {
+                    self.remember_submit_key(key, *id);
+                }
+                r
+            }
+            Command::SubmitArray {
+                spec,
+                user,
+                at_ms,
+                request_id,
+                count,
+            } => {
+                if let Some(id) = request_id.as_ref().and_then(|k| self.submit_keys.get(k)) {
+                    return ApplyResult::Submitted(*id);
+                }
+                let r = self.submit_array(spec, user, *at_ms, *count);
                 if let (ApplyResult::Submitted(id), Some(key)) = (&r, request_id) {
                     self.remember_submit_key(key, *id);
                 }
@@ -64,6 +82,28 @@ impl State {
             Command::TaskExited { key, exit, at_ms } => self.task_exited(*key, exit, *at_ms),
             Command::TimeOut { job, at_ms } => self.time_out(*job, *at_ms),
         }
+    }
+
+    /// Every element is checked before any is created: all or nothing.
+    fn submit_array(&mut self, spec: &JobSpec, user: &str, at_ms: i64, count: u32) -> ApplyResult {
+        if count == 0 || count > MAX_ARRAY {
+            return ApplyResult::Rejected(format!("array: must be 1 to {MAX_ARRAY} jobs"));
+        }
+        let element = |i: u32| {
+            let mut s = spec.clone();
+            s.name = format!("{}[{i}]", spec.name);
+            s.env.insert("MUSTER_ARRAY_INDEX".into(), i.to_string());
+            s
+        };
+        let first = match self.submit(&element(0), user, at_ms) {
+            ApplyResult::Submitted(id) => id,
+            other => return other,
+        };
+        for i in 1..count {
+            // The same spec passed for element 0; only name and env differ.
+            self.submit(&element(i), user, at_ms);
+        }
+        ApplyResult::Submitted(first)
     }
 
     fn submit(&mut self, spec: &JobSpec, user: &str, at_ms: i64) -> ApplyResult {

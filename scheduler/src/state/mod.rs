@@ -77,6 +77,15 @@ pub enum Command {
         /// The client's idempotency key: a retry returns the first job's id.
         request_id: Option<String>,
     },
+    /// `count` identical jobs (a job array) in one entry; job `i` of the
+    /// array gets `MUSTER_ARRAY_INDEX=i` and the name `name[i]`.
+    SubmitArray {
+        spec: JobSpec,
+        user: String,
+        at_ms: i64,
+        request_id: Option<String>,
+        count: u32,
+    },
     Cancel {
         job: JobId,
         at_ms: i64,

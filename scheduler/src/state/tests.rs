@@ -464,3 +464,38 @@ fn master_ports_differ_for_gangs_led_from_the_same_node() {
     let pb = w.s.jobs[&b].alloc.as_ref().unwrap().master_port;
     assert_ne!(pa, pb);
 }
+
+#[test]
+fn job_arrays_are_all_or_nothing_and_idempotent() {
+    let mut w = World::new(&[("a", 8)]);
+    let arr = |w: &mut World, sp: JobSpec, key: &str| {
+        w.cmd(Command::SubmitArray {
+            spec: sp,
+            user: "u".into(),
+            at_ms: 1,
+            request_id: Some(key.into()),
+            count: 5,
+        })
+    };
+    let first = match arr(&mut w, spec(1, 1), "k1") {
+        ApplyResult::Submitted(id) => id,
+        o => panic!("{o:?}"),
+    };
+    let ids: Vec<JobId> = w.s.jobs.keys().copied().collect();
+    assert_eq!(ids.len(), 5);
+    for (i, id) in ids.iter().enumerate() {
+        let j = &w.s.jobs[id];
+        assert_eq!(j.spec.name, format!("j[{i}]"));
+        assert_eq!(j.spec.env["MUSTER_ARRAY_INDEX"], i.to_string());
+    }
+    // A retry with the same key creates nothing.
+    assert_eq!(arr(&mut w, spec(1, 1), "k1"), ApplyResult::Submitted(first));
+    assert_eq!(w.s.jobs.len(), 5);
+    // A bad element rejects the whole array.
+    let before = w.s.digest();
+    assert!(matches!(
+        arr(&mut w, spec(1, 9), "k2"),
+        ApplyResult::Rejected(_)
+    ));
+    assert_eq!(w.s.digest(), before);
+}

@@ -16,6 +16,10 @@
 //!     Starts a 3-scheduler cluster; each run kills the leader with SIGKILL and
 //!     measures the time to the first submission acknowledged after it.
 //!
+//!   muster-bench array [--jobs 10000] [--runs 5]
+//!     One array submission of N jobs into its own 3-scheduler cluster, timed
+//!     from the RPC to its acknowledgement: jobs per second.
+//!
 //!   muster-bench submit [--addr URL] [--jobs 1000]
 //!     Sequential Submit RPCs on one connection (no process start per job):
 //!     the server side of `muster submit`. Jobs ask for 16 GPUs and queue.
@@ -48,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Some("submit") => submit(&args).await,
         Some("concurrent") => concurrent(&args).await,
         Some("failover") => failover(&args).await,
+        Some("array") => array(&args).await,
         _ => {
             eprintln!("usage: muster-bench latency|submit|concurrent|failover [options]");
             std::process::exit(2);
@@ -110,6 +115,7 @@ async fn concurrent(args: &[String]) -> anyhow::Result<()> {
                         spec: Some(queued_spec()),
                         user: user.clone(),
                         request_id: format!("bench-{i}-{n}"),
+                        array: 0,
                     })
                     .await?;
                 lat.push(t0.elapsed().as_secs_f64() * 1000.0);
@@ -158,6 +164,7 @@ async fn failover(args: &[String]) -> anyhow::Result<()> {
                     spec: Some(queued_spec()),
                     user: user.clone(),
                     request_id: format!("failover-{run}"),
+                    array: 0,
                 };
                 if client.submit(req).await.is_ok() {
                     break 'retry;
@@ -183,6 +190,43 @@ async fn failover(args: &[String]) -> anyhow::Result<()> {
         percentile(&samples, 50.0),
         samples[0],
         samples[samples.len() - 1]
+    );
+    Ok(())
+}
+
+async fn array(args: &[String]) -> anyhow::Result<()> {
+    let jobs: u32 = arg(args, "--jobs", "10000").parse()?;
+    let runs: usize = arg(args, "--runs", "5").parse()?;
+    let c = three_schedulers()?;
+    let user = user()?;
+    let mut client =
+        MusterClient::connect(c.sched_addrs[c.wait_leader(Duration::from_secs(20))?].clone())
+            .await?;
+    let mut rates = Vec::new();
+    for run in 0..runs {
+        let t0 = Instant::now();
+        let resp = client
+            .submit(SubmitRequest {
+                spec: Some(queued_spec()),
+                user: user.clone(),
+                request_id: format!("array-{run}"),
+                array: jobs,
+            })
+            .await?
+            .into_inner();
+        let secs = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            resp.count == jobs,
+            "asked for {jobs} jobs, got {}",
+            resp.count
+        );
+        eprintln!("run {run}: {jobs} jobs in {:.1} ms", secs * 1000.0);
+        rates.push(f64::from(jobs) / secs);
+    }
+    rates.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{{\"bench\":\"array_submit\",\"jobs\":{jobs},\"runs\":{runs},\"median_jobs_per_second\":{:.0}}}",
+        percentile(&rates, 50.0)
     );
     Ok(())
 }
@@ -217,6 +261,7 @@ async fn submit(args: &[String]) -> anyhow::Result<()> {
                 spec: Some(spec),
                 user: user.clone(),
                 request_id: String::new(),
+                array: 0,
             })
             .await?;
         samples.push(t0.elapsed().as_secs_f64() * 1000.0);
@@ -256,6 +301,7 @@ async fn latency(args: &[String]) -> anyhow::Result<()> {
                 spec: Some(spec),
                 user: user.clone(),
                 request_id: String::new(),
+                array: 0,
             })
             .await?
             .into_inner()
