@@ -8,18 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Errors loading the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
+pub use muster_proto::daemon::ConfigError;
 
 /// Which cgroup hierarchy to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -136,23 +125,12 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Read and validate a TOML file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        muster_proto::daemon::load_toml(path, Self::validate)
     }
 
     /// Parse and validate TOML text; `path` is used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        };
-        let cfg: AgentConfig =
-            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
-        cfg.validate().map_err(invalid)?;
-        Ok(cfg)
+        muster_proto::daemon::parse_toml(text, path, Self::validate)
     }
 
     /// Check values that parse but make no sense.

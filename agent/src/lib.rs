@@ -28,7 +28,6 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Errors that stop the agent before it serves.
 #[derive(Debug, thiserror::Error)]
@@ -81,19 +80,6 @@ fn gpus_to_pb(gpus: Vec<gpu::Gpu>) -> Vec<pb::GpuInfo> {
             link_group: g.link_group,
         })
         .collect()
-}
-
-/// Accepted connections with Nagle's algorithm off (see the scheduler's).
-fn nodelay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            let _ = c.set_nodelay(true);
-        }
-        conn
-    })
 }
 
 /// Run an agent whose local service listens on `listener`, until `shutdown`
@@ -163,7 +149,7 @@ pub async fn run(
     ));
     let result = tonic::transport::Server::builder()
         .add_service(local)
-        .serve_with_incoming_shutdown(nodelay(listener), shutdown)
+        .serve_with_incoming_shutdown(muster_proto::daemon::nodelay(listener), shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = sessions.await;

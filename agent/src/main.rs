@@ -58,14 +58,7 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {} (key `listen`)", cfg.listen))?;
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-        };
+        let shutdown = muster_proto::daemon::stop_signal();
         muster_agent::run(cfg, listener, shutdown, || {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         })

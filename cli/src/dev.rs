@@ -161,11 +161,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         children.push(spawn(&agent_bin, cfg)?);
     }
     print_banner(&args, &data);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch for SIGTERM")?;
     let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
+        _ = muster_proto::daemon::stop_signal() => Ok(()),
         name = first_exit(&mut children) => Err(anyhow::anyhow!("{name} stopped unexpectedly; see its log above")),
     };
     eprintln!(

@@ -3,11 +3,12 @@
 //! The `.proto` file is the contract between the CLI, the schedulers and the
 //! agents; conversion to the scheduler's domain model lives in
 //! `muster-scheduler`'s `api` module and nowhere else.
-#![allow(clippy::all, clippy::pedantic)]
-
 /// Version 1 of the protocol.
+#[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("muster.v1");
 }
 
 pub use v1::*;
+
+pub mod daemon;

@@ -11,18 +11,7 @@ use std::time::Duration;
 /// The default client/agent port (`muster dev` listens here too).
 pub const DEFAULT_PORT: u16 = 7470;
 
-/// Errors loading the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
+pub use muster_proto::daemon::ConfigError;
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
@@ -136,23 +125,12 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     /// Read and validate a TOML file.
     pub fn load(path: &Path) -> Result<SchedulerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        muster_proto::daemon::load_toml(path, Self::validate)
     }
 
     /// Parse and validate TOML text; `path` is used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<SchedulerConfig, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        };
-        let cfg: SchedulerConfig =
-            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
-        cfg.validate().map_err(invalid)?;
-        Ok(cfg)
+        muster_proto::daemon::parse_toml(text, path, Self::validate)
     }
 
     /// Check values that parse but make no sense.

@@ -53,12 +53,7 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {} (key `listen`)", cfg.listen))?;
         let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
+            muster_proto::daemon::stop_signal().await;
             tracing::info!("shutting down");
         };
         muster_scheduler::server::run(cfg, listener, shutdown, || {

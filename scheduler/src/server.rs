@@ -13,7 +13,6 @@ use muster_proto::raft_peer_server::RaftPeerServer;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// How long in-flight calls may run after shutdown is asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -36,20 +35,6 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC server task: {0}")]
     Join(String),
-}
-
-/// Accepted connections with Nagle's algorithm off: small gRPC frames (an
-/// assignment, a reply) must not wait for the peer's delayed ACK (~40 ms).
-pub fn nodelay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            let _ = c.set_nodelay(true);
-        }
-        conn
-    })
 }
 
 /// A member that starts with no data while its peers already run a cluster
@@ -143,7 +128,7 @@ pub async fn run(
                     .max_encoding_message_size(raft::transport::MAX_PEER_MESSAGE),
             )
             .add_service(AdminServer::new(AdminService::new(ctx.clone())))
-            .serve_with_incoming_shutdown(nodelay(listener), async move {
+            .serve_with_incoming_shutdown(muster_proto::daemon::nodelay(listener), async move {
                 let _ = grpc_stop.changed().await;
             }),
     );
