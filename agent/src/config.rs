@@ -44,6 +44,18 @@ fn default_cgroups() -> CgroupMode {
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
+fn default_true() -> bool {
+    true
+}
+fn default_ignored_xids() -> Vec<u64> {
+    crate::health::DEFAULT_IGNORED_XIDS.to_vec()
+}
+fn default_log_max_bytes() -> u64 {
+    crate::task::shim::DEFAULT_LOG_MAX_BYTES
+}
+fn default_log_files() -> u32 {
+    crate::task::shim::DEFAULT_LOG_FILES
+}
 fn default_gpu() -> GpuBackendConfig {
     GpuBackendConfig::Nvml { library_path: None }
 }
@@ -98,6 +110,23 @@ pub struct AgentConfig {
     /// The program run as each task's supervisor; defaults to this executable.
     #[serde(default)]
     pub shim_path: Option<PathBuf>,
+    /// The Unix socket tasks reach the agent on (`muster checkpoint done`);
+    /// defaults to `<data_dir>/task.sock`.
+    #[serde(default)]
+    pub task_socket: Option<PathBuf>,
+    /// Freeze tasks when the agent's lease with the scheduler has lapsed, so
+    /// a stalled node never runs a task beside its replacement.
+    #[serde(default = "default_true")]
+    pub self_fence: bool,
+    /// XIDs that are the application's fault (not the GPU's): not acted on.
+    #[serde(default = "default_ignored_xids")]
+    pub ignored_xids: Vec<u64>,
+    /// Each task log file is rotated at this many bytes.
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
+    /// Files kept per task stream (stdout, stderr), the live one included.
+    #[serde(default = "default_log_files")]
+    pub log_files: u32,
 }
 
 impl Default for AgentConfig {
@@ -118,6 +147,11 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             gpu: default_gpu(),
             shim_path: None,
+            task_socket: None,
+            self_fence: true,
+            ignored_xids: default_ignored_xids(),
+            log_max_bytes: default_log_max_bytes(),
+            log_files: default_log_files(),
         }
     }
 }
@@ -152,7 +186,26 @@ impl AgentConfig {
         if self.memory_bytes == Some(0) {
             return Err("key `memory_bytes`: must be greater than 0".into());
         }
+        if self.log_max_bytes < 1024 {
+            return Err("key `log_max_bytes`: must be at least 1024".into());
+        }
+        if self.log_files == 0 || self.log_files > 100 {
+            return Err("key `log_files`: must be 1 to 100".into());
+        }
+        if let Some(p) = &self.task_socket {
+            // sockaddr_un holds 108 bytes, the NUL included.
+            if p.as_os_str().len() > 107 {
+                return Err("key `task_socket`: path longer than 107 bytes".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The task socket's path: configured, or `<data_dir>/task.sock`.
+    pub fn task_socket_path(&self) -> PathBuf {
+        self.task_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("task.sock"))
     }
 
     /// The node name: configured, or the host name.

@@ -15,10 +15,12 @@
 pub mod cgroup;
 pub mod config;
 pub mod gpu;
+pub mod health;
 pub mod local;
 pub mod reconcile;
 pub mod session;
 pub mod task;
+pub mod task_socket;
 
 pub use config::AgentConfig;
 
@@ -78,6 +80,7 @@ fn gpus_to_pb(gpus: Vec<gpu::Gpu>) -> Vec<pb::GpuInfo> {
             healthy: g.healthy,
             allocated_to: 0,
             link_group: g.link_group,
+            fault: String::new(),
         })
         .collect()
 }
@@ -90,7 +93,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send,
 ) -> Result<(), AgentError> {
-    let inventory = gpu::open(&cfg.gpu)?;
+    let inventory: Arc<dyn gpu::GpuInventory> = Arc::from(gpu::open(&cfg.gpu)?);
     let gpus = gpus_to_pb(inventory.gpus()?);
     tracing::info!(
         backend = inventory.backend(),
@@ -108,12 +111,33 @@ pub async fn run(
         None => std::env::current_exe().map_err(AgentError::Shim)?,
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let lease_file = cfg.self_fence.then(|| data_dir.join("lease"));
+    if lease_file.is_none() {
+        tracing::warn!("self_fence = false: a stalled agent's tasks may run beside their replacements");
+    }
+    let task_socket = cfg.task_socket_path();
     let settings = task::RuntimeSettings {
         data_dir: data_dir.clone(),
         shim_path,
         allow_root_jobs: cfg.allow_root_jobs,
         kill_grace: cfg.kill_grace,
+        lease_file: lease_file.clone(),
+        task_socket: Some(task_socket.clone()),
+        log_max_bytes: cfg.log_max_bytes,
+        log_files: cfg.log_files,
     };
+    let health_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = health::watch(
+        inventory.clone(),
+        gpus.iter().map(|g| (g.uuid.clone(), g.index)).collect(),
+        cfg.ignored_xids.clone(),
+        events_tx.clone(),
+        health_stop.clone(),
+    )
+    .map_err(|source| AgentError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
     let runtime =
         task::Runtime::new(settings, cgroups, events_tx).map_err(|source| AgentError::DataDir {
             path: data_dir.clone(),
@@ -135,12 +159,26 @@ pub async fn run(
     };
     tracing::info!(node = %node.name, address = %node.address, "agent starting");
     let (stop_tx, stop_rx) = watch::channel(false);
+    let task_listener =
+        task_socket::bind(&task_socket).map_err(|source| AgentError::DataDir {
+            path: task_socket.clone(),
+            source,
+        })?;
+    tracing::info!(socket = %task_socket.display(), "task socket ready");
+    let tasks_served = tokio::spawn(task_socket::serve(
+        task_listener,
+        runtime.clone(),
+        stop_rx.clone(),
+    ));
     let sessions = tokio::spawn(session::run(
-        cfg.schedulers.clone(),
+        session::SessionConfig {
+            schedulers: cfg.schedulers.clone(),
+            fence_path: data_dir.join("term"),
+            lease_file,
+        },
         node,
         runtime.clone(),
         events_rx,
-        data_dir.join("term"),
         stop_rx.clone(),
     ));
     ready();
@@ -153,6 +191,9 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = sessions.await;
+    let _ = tasks_served.await;
+    health_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || watcher.join()).await;
     tracing::info!("agent stopped; tasks keep running under their supervisors");
     result.map_err(AgentError::from)
 }

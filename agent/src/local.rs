@@ -31,27 +31,73 @@ impl LocalService {
 
 type LogStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 
+/// One stream of one task's log: its rotated files (oldest first), then the
+/// live file, followed across rotations by its inode.
 struct Source {
     stream: pb::LogStream,
     path: PathBuf,
+    /// Rotated files still to be read whole before the live one.
+    backlog: std::collections::VecDeque<PathBuf>,
     offset: u64,
+    /// The inode of the live file being read (0: not opened yet).
+    inode: u64,
 }
 
 impl Source {
+    fn new(stream: pb::LogStream, path: PathBuf) -> Source {
+        let mut backlog: std::collections::VecDeque<PathBuf> =
+            crate::task::logs::files_oldest_first(&path).into();
+        backlog.retain(|p| p != &path);
+        Source {
+            stream,
+            path,
+            backlog,
+            offset: 0,
+            inode: 0,
+        }
+    }
+
     /// Read what was appended since the last call (at most one chunk).
     fn read_more(&mut self) -> std::io::Result<Vec<u8>> {
-        let mut f = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
+        use std::os::unix::fs::MetadataExt;
+        while let Some(old) = self.backlog.front().cloned() {
+            let data = read_chunk(&old, &mut self.offset)?;
+            if !data.is_empty() {
+                return Ok(data);
+            }
+            self.backlog.pop_front();
+            self.offset = 0;
+        }
+        let inode = match std::fs::metadata(&self.path) {
+            Ok(m) => m.ino(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(e),
         };
-        f.seek(SeekFrom::Start(self.offset))?;
-        let mut buf = vec![0u8; CHUNK];
-        let n = f.read(&mut buf)?;
-        buf.truncate(n);
-        self.offset += n as u64;
-        Ok(buf)
+        if self.inode != 0 && inode != self.inode {
+            // Rotated while we read it: finish the old file (now `.1`) first.
+            self.inode = inode;
+            self.backlog
+                .push_back(crate::task::logs::rotated(&self.path, 1));
+            return self.read_more();
+        }
+        self.inode = inode;
+        read_chunk(&self.path, &mut self.offset)
     }
+}
+
+/// Read up to one chunk of `path` from `offset`, advancing it.
+fn read_chunk(path: &std::path::Path, offset: &mut u64) -> std::io::Result<Vec<u8>> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    f.seek(SeekFrom::Start(*offset))?;
+    let mut buf = vec![0u8; CHUNK];
+    let n = f.read(&mut buf)?;
+    buf.truncate(n);
+    *offset += n as u64;
+    Ok(buf)
 }
 
 #[tonic::async_trait]
@@ -77,11 +123,7 @@ impl AgentLocal for LocalService {
                 } else {
                     "stderr"
                 };
-                Source {
-                    stream: s,
-                    path: self.runtime.log_path(req.job_id, req.task_index, name),
-                    offset: 0,
-                }
+                Source::new(s, self.runtime.log_path(req.job_id, req.task_index, name))
             })
             .collect();
         if !sources.iter().any(|s| s.path.exists())

@@ -59,19 +59,37 @@ impl Fence {
     }
 }
 
+/// Where the session keeps what must outlive it.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Scheduler addresses, tried in turn.
+    pub schedulers: Vec<String>,
+    /// The term fence (newest term whose orders were followed).
+    pub fence_path: PathBuf,
+    /// The lease file the shims watch (self-fencing); `None`: off.
+    pub lease_file: Option<PathBuf>,
+}
+
+/// The lease file holds the send time of the newest acknowledged heartbeat
+/// plus this share of the lease: the scheduler starts counting only when the
+/// heartbeat arrives, so the agent's deadline always comes first.
+const LEASE_SHARE: f64 = 0.9;
+/// Heartbeats whose send times are remembered while awaiting their acks.
+const MAX_UNACKED: usize = 64;
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Keep a session with some scheduler until `shutdown` flips.
 pub async fn run(
-    schedulers: Vec<String>,
+    cfg: SessionConfig,
     node: NodeInfo,
     runtime: Arc<Runtime>,
     mut events: mpsc::UnboundedReceiver<Event>,
-    fence_path: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut fence = Fence::load(fence_path);
+    let schedulers = cfg.schedulers.clone();
+    let mut fence = Fence::load(cfg.fence_path.clone());
     let mut backoff = Duration::from_millis(100);
     let mut i = 0usize;
     let mut hint: Option<String> = None;
@@ -82,7 +100,7 @@ pub async fn run(
             schedulers[(i - 1) % schedulers.len()].clone()
         });
         tokio::select! {
-            r = session(&addr, &node, &runtime, &mut events, &mut fence) => match r {
+            r = session(&addr, &node, &runtime, &mut events, &mut fence, cfg.lease_file.as_deref()) => match r {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(SessionError { message, leader }) => {
                     tracing::warn!(scheduler = %addr, "session ended: {message}");
@@ -148,6 +166,7 @@ async fn session(
     runtime: &Arc<Runtime>,
     events: &mut mpsc::UnboundedReceiver<Event>,
     fence: &mut Fence,
+    lease_file: Option<&std::path::Path>,
 ) -> Result<(), SessionError> {
     let channel = endpoint(addr)?
         .connect()
@@ -189,10 +208,18 @@ async fn session(
     }
     let mut heartbeat =
         tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(100)));
+    let lease = Duration::from_millis(reg.lease_ms).mul_f64(LEASE_SHARE);
+    let mut seq = 0u64;
+    let mut unacked: std::collections::VecDeque<(u64, i64)> = Default::default();
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
-                send(&tx, pb::agent_message::Kind::Heartbeat(pb::Heartbeat {})).await?;
+                seq += 1;
+                unacked.push_back((seq, crate::task::fence::now_ms()));
+                if unacked.len() > MAX_UNACKED {
+                    unacked.pop_front();
+                }
+                send(&tx, pb::agent_message::Kind::Heartbeat(pb::Heartbeat { seq })).await?;
             }
             ev = events.recv() => {
                 let Some(ev) = ev else { return Ok(()) };
@@ -206,16 +233,39 @@ async fn session(
                 let Some(msg) = msg else {
                     return Err(String::from("scheduler closed the session").into());
                 };
-                if let Some(pb::scheduler_message::Kind::Assignments(a)) = msg.kind {
-                    if fence.admit(a.term) {
-                        runtime.set_desired(a.tasks);
-                    } else {
-                        tracing::warn!(term = a.term, fence = fence.term, "ignoring orders from an older term");
+                match msg.kind {
+                    Some(pb::scheduler_message::Kind::Assignments(a)) => {
+                        if fence.admit(a.term) {
+                            runtime.set_desired(a.tasks);
+                        } else {
+                            tracing::warn!(term = a.term, fence = fence.term, "ignoring orders from an older term");
+                        }
                     }
+                    Some(pb::scheduler_message::Kind::HeartbeatAck(ack)) => {
+                        while unacked.front().is_some_and(|(s, _)| *s < ack.seq) {
+                            unacked.pop_front();
+                        }
+                        if let (Some(path), Some((_, sent))) = (lease_file, unacked.pop_front()) {
+                            renew_lease(path, sent, lease, runtime);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
     }
+}
+
+/// The leader acknowledged a heartbeat sent at `sent_ms`: the lease is
+/// alive until `sent_ms + lease`. Tasks frozen meanwhile are thawed (the
+/// assignments, which arrive before the first ack, already killed revoked ones).
+fn renew_lease(path: &std::path::Path, sent_ms: i64, lease: Duration, runtime: &Arc<Runtime>) {
+    let deadline = sent_ms + lease.as_millis() as i64;
+    if let Err(e) = crate::task::fence::write_deadline(path, deadline) {
+        tracing::warn!("cannot write the lease file {}: {e}", path.display());
+        return;
+    }
+    runtime.thaw_fenced();
 }
 
 async fn send(
@@ -229,6 +279,21 @@ async fn send(
 
 fn event_to_pb(ev: &Event) -> pb::agent_message::Kind {
     let (key, kind) = match ev {
+        Event::GpuFault {
+            index,
+            uuid,
+            reason,
+        } => {
+            return pb::agent_message::Kind::GpuFault(pb::GpuFault {
+                index: *index,
+                uuid: uuid.clone(),
+                reason: reason.clone(),
+            })
+        }
+        Event::Checkpointed { key, step } => (
+            key,
+            pb::task_event::Kind::Checkpointed(pb::TaskCheckpointed { step: *step }),
+        ),
         Event::Started { key, pid } => (
             key,
             pb::task_event::Kind::Started(pb::TaskStarted { pid: *pid }),

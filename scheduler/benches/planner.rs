@@ -73,6 +73,7 @@ fn cluster() -> State {
                 numa_node: (i / 4) as i32,
                 healthy: true,
                 link_group: i / 4,
+                fault: String::new(),
             })
             .collect();
         s.apply(&Command::RegisterNode {
@@ -124,6 +125,7 @@ fn cluster() -> State {
             checkpoint_dir: None,
             priority: classes[(rng.next() % 4) as usize].into(),
             topology: None,
+            lifecycle: Default::default(),
         };
         s.apply(&Command::Submit {
             request_id: None,

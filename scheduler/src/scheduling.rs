@@ -29,6 +29,12 @@ fn default_true() -> bool {
 fn default_preemptors() -> usize {
     Policy::default().preemptors
 }
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_grace() -> Duration {
+    Duration::from_secs(15 * 60)
+}
 fn default_min_runtime() -> Duration {
     Duration::from_millis(Policy::default().min_runtime_ms as u64)
 }
@@ -61,6 +67,16 @@ pub struct SchedulingConfig {
     /// A job that has run less than this is never preempted.
     #[serde(default = "default_min_runtime", with = "humantime_serde")]
     pub min_runtime: Duration,
+    /// Time between a job's stop signal and SIGKILL when the job names none.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub default_grace: Duration,
+    /// The longest grace a job may ask for; longer requests are capped.
+    #[serde(default = "default_max_grace", with = "humantime_serde")]
+    pub max_grace: Duration,
+    /// Drain a node when one of its GPUs fails (the failed GPU is always
+    /// excluded from placement).
+    #[serde(default)]
+    pub drain_on_gpu_fault: bool,
 }
 
 impl Default for SchedulingConfig {
@@ -74,6 +90,9 @@ impl Default for SchedulingConfig {
             preemption: true,
             preemptors_per_pass: default_preemptors(),
             min_runtime: default_min_runtime(),
+            default_grace: default_grace(),
+            max_grace: default_max_grace(),
+            drain_on_gpu_fault: false,
         }
     }
 }
@@ -107,6 +126,12 @@ impl SchedulingConfig {
         if self.usage_interval.is_zero() {
             return Err("key `scheduling.usage_interval`: must be greater than 0".into());
         }
+        if self.default_grace > self.max_grace {
+            return Err(
+                "key `scheduling.default_grace`: must not be longer than `scheduling.max_grace`"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -120,6 +145,16 @@ impl SchedulingConfig {
             preemptors: self.preemptors_per_pass,
             min_runtime_ms: self.min_runtime.as_millis().min(i64::MAX as u128) as i64,
         }
+    }
+
+    /// The signal and grace a job is stopped with: its own, or SIGTERM and
+    /// `default_grace`; the grace capped at `max_grace`.
+    pub fn stop_of(&self, l: &crate::model::Lifecycle) -> (i32, Duration) {
+        let grace = l
+            .grace_secs
+            .map_or(self.default_grace, Duration::from_secs)
+            .min(self.max_grace);
+        (l.stop_signal.unwrap_or(libc_sigterm()), grace)
     }
 
     /// Whether `class` may be named by a job (empty means the default).
@@ -164,4 +199,9 @@ mod tests {
             .to_string();
         assert!(e.contains("bogus"), "{e}");
     }
+}
+
+/// SIGTERM's number (15 on every Linux architecture).
+fn libc_sigterm() -> i32 {
+    15
 }

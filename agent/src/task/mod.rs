@@ -13,8 +13,12 @@
 //! the scheduler; an exit is re-sent on every reconnect until the scheduler
 //! stops asking for the task, so a lost connection never loses an exit code.
 
+pub mod fence;
 pub mod identity;
+pub mod logs;
+pub mod peer;
 pub mod shim;
+mod stop;
 
 use crate::cgroup::{Cgroups, Limits};
 use crate::reconcile::{self, Action, Desired, Observed, Phase, TaskKey};
@@ -32,8 +36,25 @@ use tokio::sync::mpsc;
 /// Something the scheduler must hear about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Started { key: TaskKey, pid: u32 },
-    Exited { key: TaskKey, exit: pb::TaskExited },
+    Started {
+        key: TaskKey,
+        pid: u32,
+    },
+    Exited {
+        key: TaskKey,
+        exit: pb::TaskExited,
+    },
+    /// The task reported a finished checkpoint (`muster checkpoint done`).
+    Checkpointed {
+        key: TaskKey,
+        step: Option<u64>,
+    },
+    /// A GPU of this host failed.
+    GpuFault {
+        index: u32,
+        uuid: String,
+        reason: String,
+    },
 }
 
 /// What the agent remembers about a task across restarts (`task.json`).
@@ -43,6 +64,14 @@ pub struct TaskMeta {
     pub gpus: Vec<u32>,
     pub cgroup: Option<String>,
     pub shim_pid: u32,
+    /// How to stop it (from the assignment), kept so that an adopted task
+    /// is stopped the same way. 0: SIGTERM / the agent's `kill_grace`.
+    #[serde(default)]
+    pub stop_signal: i32,
+    #[serde(default)]
+    pub grace_ms: u64,
+    #[serde(default)]
+    pub kill_on_checkpoint: bool,
 }
 
 struct Local {
@@ -53,6 +82,8 @@ struct Local {
     pid: Option<u32>,
     exit: Option<pb::TaskExited>,
     exit_reported: bool,
+    /// Woken when the task reports a checkpoint (a stop may be waiting for one).
+    checkpointed: Arc<tokio::sync::Notify>,
 }
 
 /// Settings the runtime needs from the agent's configuration.
@@ -61,7 +92,14 @@ pub struct RuntimeSettings {
     pub data_dir: PathBuf,
     pub shim_path: PathBuf,
     pub allow_root_jobs: bool,
+    /// Grace for tasks whose assignment names none.
     pub kill_grace: Duration,
+    /// The lease file the shims watch; `None`: self-fencing off.
+    pub lease_file: Option<PathBuf>,
+    /// The socket tasks reach the agent on (`MUSTER_AGENT_SOCKET`).
+    pub task_socket: Option<PathBuf>,
+    pub log_max_bytes: u64,
+    pub log_files: u32,
 }
 
 /// The task runtime. Cheap to share (`Arc`).
@@ -255,6 +293,7 @@ impl Runtime {
                         pid: None,
                         exit: None,
                         exit_reported: false,
+                        checkpointed: Arc::new(tokio::sync::Notify::new()),
                     },
                 );
                 tracing::info!(task = %key, "task starting");
@@ -278,11 +317,15 @@ impl Runtime {
                             gpus: vec![],
                             cgroup: None,
                             shim_pid: 0,
+                            stop_signal: 0,
+                            grace_ms: 0,
+                            kill_on_checkpoint: false,
                         },
                         phase: Phase::Exited,
                         pid: None,
                         exit: Some(exit.clone()),
                         exit_reported: false,
+                        checkpointed: Arc::new(tokio::sync::Notify::new()),
                     },
                 );
                 let _ = self.events.send(Event::Exited { key, exit });
@@ -335,6 +378,12 @@ impl Runtime {
         env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
         env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
         env.insert("MUSTER_GPUS".into(), visible);
+        if let Some(sock) = &self.settings.task_socket {
+            env.insert(
+                "MUSTER_AGENT_SOCKET".into(),
+                sock.to_string_lossy().into_owned(),
+            );
+        }
         let workdir = if a.workdir.is_empty() {
             who.home.clone()
         } else {
@@ -352,6 +401,10 @@ impl Runtime {
             stderr,
             pid_file: dir.join("pid"),
             exit_file: dir.join("exit.json"),
+            log_max_bytes: self.settings.log_max_bytes,
+            log_files: self.settings.log_files,
+            lease_file: self.settings.lease_file.clone(),
+            fence_marker: Some(dir.join(fence::MARKER)),
         };
         let spec_path = dir.join("shim.json");
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
@@ -375,6 +428,9 @@ impl Runtime {
             gpus: a.gpu_indices.clone(),
             cgroup,
             shim_pid: child.id(),
+            stop_signal: a.stop_signal,
+            grace_ms: a.grace_ms,
+            kill_on_checkpoint: a.kill_on_checkpoint,
         };
         // The shim reparents to init if we die; reap it from a thread meanwhile.
         std::thread::spawn(move || {
@@ -490,56 +546,6 @@ impl Runtime {
         self.reconcile();
     }
 
-    /// SIGTERM the task's process group and cgroup; SIGKILL after the grace.
-    fn kill(self: &Arc<Self>, key: TaskKey) {
-        let (pid, cgroup) = {
-            let mut inner = self.lock();
-            let Some(t) = inner.tasks.get_mut(&key) else {
-                return;
-            };
-            t.phase = Phase::Killing;
-            (t.pid, t.meta.cgroup.clone())
-        };
-        tracing::info!(task = %key, "stopping task");
-        let rt = self.clone();
-        let grace = self.settings.kill_grace;
-        tokio::spawn(async move {
-            rt.signal_off_reactor(pid, cgroup, Signal::SIGTERM).await;
-            tokio::time::sleep(grace).await;
-            let (pid, cgroup, phase) = match rt.lock().tasks.get(&key) {
-                Some(t) => (t.pid, t.meta.cgroup.clone(), t.phase),
-                None => return,
-            };
-            if phase != Phase::Exited {
-                tracing::info!(task = %key, "grace period over; killing");
-                rt.signal_off_reactor(pid, cgroup, Signal::SIGKILL).await;
-            }
-        });
-    }
-
-    /// `signal` on a blocking thread: freezing a cgroup can take a while.
-    async fn signal_off_reactor(
-        self: &Arc<Self>,
-        pid: Option<u32>,
-        cgroup: Option<String>,
-        sig: Signal,
-    ) {
-        let rt = self.clone();
-        let _ = tokio::task::spawn_blocking(move || rt.signal(pid, cgroup.as_deref(), sig)).await;
-    }
-
-    fn signal(&self, pid: Option<u32>, cgroup: Option<&str>, sig: Signal) {
-        if let Some(pid) = pid {
-            // The task leads its own session: signal the whole group.
-            let _ = signal::killpg(Pid::from_raw(pid as i32), sig);
-        }
-        if let (Some(cg), Some(name)) = (&self.cgroups, cgroup) {
-            if let Err(e) = cg.kill_all(name, sig) {
-                tracing::warn!(cgroup = name, "signal {sig} failed: {e}");
-            }
-        }
-    }
-
     fn forget(&self, key: TaskKey) {
         self.lock().tasks.remove(&key);
         let dir = self.task_dir(key);
@@ -576,6 +582,7 @@ impl Runtime {
                     pid,
                     exit: None,
                     exit_reported: false,
+                    checkpointed: Arc::new(tokio::sync::Notify::new()),
                 },
             );
             tracing::info!(task = %key, ?pid, "adopted task from a previous agent");

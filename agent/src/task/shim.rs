@@ -41,7 +41,29 @@ pub struct ShimSpec {
     pub pid_file: PathBuf,
     /// Where the shim records how the task ended.
     pub exit_file: PathBuf,
+    /// Each log file is rotated at this size (0: the default, 64 MiB).
+    #[serde(default)]
+    pub log_max_bytes: u64,
+    /// Files kept per stream, the live one included (0: the default, 3).
+    #[serde(default)]
+    pub log_files: u32,
+    /// The agent's lease file; `None` turns self-fencing off (see [`super::fence`]).
+    #[serde(default)]
+    pub lease_file: Option<PathBuf>,
+    /// Where to leave the marker when the task is frozen for want of a lease.
+    #[serde(default)]
+    pub fence_marker: Option<PathBuf>,
 }
+
+/// Default cap of one log file.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
+/// Default number of files kept per stream.
+pub const DEFAULT_LOG_FILES: u32 = 3;
+/// How often the shim checks the lease while its task runs.
+const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long the shim waits, after the task exited, for its output to drain
+/// (an orphan that keeps the pipe open must not hold up the exit record).
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How a task ended, as the shim saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,12 +117,33 @@ pub fn run(spec_path: &Path) -> i32 {
     0
 }
 
-fn open_append(p: &Path) -> Result<std::fs::File, String> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(p)
+fn log_writer(spec: &ShimSpec, p: &Path) -> Result<super::logs::RotatingWriter, String> {
+    let max = match spec.log_max_bytes {
+        0 => DEFAULT_LOG_MAX_BYTES,
+        n => n,
+    };
+    let keep = match spec.log_files {
+        0 => DEFAULT_LOG_FILES,
+        n => n,
+    };
+    super::logs::RotatingWriter::open(p, max, keep)
         .map_err(|e| format!("cannot open log file {}: {e}", p.display()))
+}
+
+/// Copy a pipe into its log on a thread; the receiver hears when it is drained.
+fn pump(
+    w: super::logs::RotatingWriter,
+    src: Option<impl std::io::Read + Send + 'static>,
+    done: std::sync::mpsc::Sender<()>,
+) {
+    if let Some(src) = src {
+        std::thread::spawn(move || {
+            w.pump(src);
+            let _ = done.send(());
+        });
+    } else {
+        let _ = done.send(());
+    }
 }
 
 fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
@@ -118,13 +161,15 @@ fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
         .collect::<Result<_, _>>()?;
     let workdir = CString::new(spec.workdir.as_os_str().as_encoded_bytes())
         .map_err(|_| "workdir contains a NUL byte".to_string())?;
+    let out_log = log_writer(spec, &spec.stdout)?;
+    let err_log = log_writer(spec, &spec.stderr)?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(&spec.command[1..])
         .env_clear()
         .envs(&spec.env)
         .stdin(std::process::Stdio::null())
-        .stdout(open_append(&spec.stdout)?)
-        .stderr(open_append(&spec.stderr)?);
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let identity = Identity {
         uid: spec.uid,
         gid: spec.gid,
@@ -136,12 +181,39 @@ fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
         .spawn()
         .map_err(|e| format!("cannot start {program:?}: {e}"))?;
     drop(procs);
+    // Threads only from here on: the fork is behind us.
+    let (drained_tx, drained) = std::sync::mpsc::channel();
+    pump(out_log, child.stdout.take(), drained_tx.clone());
+    pump(err_log, child.stderr.take(), drained_tx);
     let pid = child.id();
     write_atomic(&spec.pid_file, pid.to_string().as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", spec.pid_file.display()))?;
-    let status = child
-        .wait()
-        .map_err(|e| format!("waiting for task {pid}: {e}"))?;
+    let (exit_tx, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exit_tx.send(child.wait());
+    });
+    let status = loop {
+        match exited.recv_timeout(POLL) {
+            Ok(status) => break status.map_err(|e| format!("waiting for task {pid}: {e}"))?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let (Some(lease), Some(marker)) = (&spec.lease_file, &spec.fence_marker) {
+                    if super::fence::check(lease, marker, pid, &spec.cgroup_procs) {
+                        eprintln!("muster shim: agent lease passed; task {pid} frozen");
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(format!("lost track of task {pid}"));
+            }
+        }
+    };
+    let until = std::time::Instant::now() + DRAIN_WAIT;
+    for _ in 0..2 {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if drained.recv_timeout(left).is_err() {
+            break;
+        }
+    }
     Ok(ExitRecord {
         code: status.code(),
         signal: status.signal(),

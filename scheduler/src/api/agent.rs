@@ -75,6 +75,7 @@ impl AgentApi for AgentService {
             kind: Some(pb::scheduler_message::Kind::Registered(pb::Registered {
                 term,
                 heartbeat_interval_ms: hb,
+                lease_ms: self.ctx.cfg.agent_lease.as_millis() as u64,
             })),
         };
         tx.send(Ok(registered))
@@ -101,7 +102,7 @@ async fn run_session(
         }
         let desired = {
             let state = ctx.raft.state();
-            desired_for_node(&state, &node, &ctx.cfg.checkpoint_root)
+            desired_for_node(&state, &node, &ctx.cfg)
         };
         if last_sent.as_ref() != Some(&desired) {
             let msg = pb::SchedulerMessage {
@@ -120,7 +121,19 @@ async fn run_session(
             msg = inbound.next() => match msg {
                 Some(Ok(m)) => {
                     ctx.touch(&node);
-                    if let Err(e) = handle_message(&ctx, m).await {
+                    if let Some(pb::agent_message::Kind::Heartbeat(hb)) = &m.kind {
+                        // The ack tells the agent its lease was renewed (self-fencing).
+                        let ack = pb::SchedulerMessage {
+                            kind: Some(pb::scheduler_message::Kind::HeartbeatAck(
+                                pb::HeartbeatAck { seq: hb.seq },
+                            )),
+                        };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    if let Err(e) = handle_message(&ctx, &node, m).await {
                         tracing::warn!(node = %node, "agent message not applied: {e}");
                     }
                 }
@@ -153,9 +166,21 @@ pub fn not_leader(ctx: &Ctx, leader: u64) -> Status {
     status
 }
 
-async fn handle_message(ctx: &Ctx, m: pb::AgentMessage) -> Result<(), Status> {
-    let Some(pb::agent_message::Kind::Event(ev)) = m.kind else {
-        return Ok(()); // heartbeats only renew the lease
+async fn handle_message(ctx: &Ctx, node: &str, m: pb::AgentMessage) -> Result<(), Status> {
+    let ev = match m.kind {
+        Some(pb::agent_message::Kind::Event(ev)) => ev,
+        Some(pb::agent_message::Kind::GpuFault(f)) => {
+            tracing::warn!(%node, gpu = f.index, "GPU failed: {}", f.reason);
+            let cmd = Command::GpuFailed {
+                node: node.to_string(),
+                gpu: f.index,
+                reason: f.reason,
+                drain: ctx.cfg.scheduling.drain_on_gpu_fault,
+                at_ms: now_ms(),
+            };
+            return ctx.propose(cmd).await.map(|_| ());
+        }
+        _ => return Ok(()), // heartbeats only renew the lease
     };
     let key = TaskKey {
         job: crate::model::JobId(ev.job_id),
@@ -172,6 +197,11 @@ async fn handle_message(ctx: &Ctx, m: pb::AgentMessage) -> Result<(), Status> {
             exit: convert::exit_from_pb(&e),
             at_ms: now_ms(),
         },
+        Some(pb::task_event::Kind::Checkpointed(c)) => Command::TaskCheckpointed {
+            key,
+            step: c.step,
+            at_ms: now_ms(),
+        },
         None => return Err(Status::invalid_argument("task event without a kind")),
     };
     ctx.propose(cmd).await.map(|_| ())
@@ -182,7 +212,7 @@ async fn handle_message(ctx: &Ctx, m: pb::AgentMessage) -> Result<(), Status> {
 pub fn desired_for_node(
     state: &State,
     node: &str,
-    checkpoint_root: &std::path::Path,
+    cfg: &crate::config::SchedulerConfig,
 ) -> Vec<pb::TaskAssignment> {
     let mut out = Vec::new();
     for id in &state.active {
@@ -195,7 +225,7 @@ pub fn desired_for_node(
         let Some(alloc) = &job.alloc else { continue };
         for (i, t) in alloc.tasks.iter().enumerate() {
             if t.placement.node == node && t.state.holds_resources() {
-                out.push(assignment(state, job, i, checkpoint_root));
+                out.push(assignment(state, job, i, cfg));
             }
         }
     }
@@ -217,8 +247,10 @@ fn assignment(
     state: &State,
     job: &Job,
     index: usize,
-    checkpoint_root: &std::path::Path,
+    cfg: &crate::config::SchedulerConfig,
 ) -> pb::TaskAssignment {
+    let checkpoint_root = &cfg.checkpoint_root;
+    let (stop_signal, grace) = cfg.scheduling.stop_of(&job.spec.lifecycle);
     let Some(alloc) = &job.alloc else {
         return pb::TaskAssignment::default();
     };
@@ -293,5 +325,8 @@ fn assignment(
         cpu_millis: t.placement.cpu_millis,
         memory_bytes: t.placement.memory_bytes,
         checkpoint_dir,
+        stop_signal,
+        grace_ms: grace.as_millis() as u64,
+        kill_on_checkpoint: job.spec.lifecycle.checkpoint_on_preempt,
     }
 }

@@ -46,7 +46,15 @@ impl ClientApi {
             position,
         );
         info.priority = policy.class_name(&info.priority).to_string();
+        self.fill_stop(&mut info, job);
         Ok(info)
+    }
+
+    /// The effective stop signal and grace, which depend on cluster policy.
+    fn fill_stop(&self, info: &mut pb::JobInfo, job: &crate::model::Job) {
+        let (sig, grace) = self.ctx.cfg.scheduling.stop_of(&job.spec.lifecycle);
+        info.stop_signal = sig;
+        info.grace_secs = grace.as_secs();
     }
 }
 
@@ -181,6 +189,9 @@ impl Muster for ClientApi {
         }
         for j in &mut jobs {
             j.priority = policy.class_name(&j.priority).to_string();
+            if let Some(job) = state.jobs.get(&JobId(j.id)) {
+                self.fill_stop(j, job);
+            }
         }
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -246,6 +257,35 @@ impl Muster for ClientApi {
         let name = req.into_inner().name;
         self.ctx.propose(Command::DeleteTenant { name }).await?;
         Ok(Response::new(pb::DeleteTenantResponse {}))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let req = req.into_inner();
+        let reason = match (req.drain, req.reason.trim()) {
+            (false, _) => None,
+            (true, "") => Some("drained by an administrator".to_string()),
+            (true, r) if r.len() > 256 => {
+                return Err(Status::invalid_argument(
+                    "reason: must be at most 256 characters",
+                ))
+            }
+            (true, r) => Some(r.to_string()),
+        };
+        self.ctx
+            .propose(Command::DrainNode {
+                name: req.name.clone(),
+                reason,
+            })
+            .await?;
+        let state = self.ctx.raft.state();
+        let node = state
+            .nodes
+            .get(&req.name)
+            .ok_or_else(|| Status::not_found(format!("node {} not found", req.name)))?;
+        Ok(Response::new(convert::node_to_pb(&state, node, 0)))
     }
 
     async fn status(

@@ -64,6 +64,12 @@ pub fn spec_from_pb(s: pb::JobSpec) -> Result<JobSpec, Status> {
         env: s.env.into_iter().collect(),
         workdir: s.workdir,
         checkpoint_dir: Some(s.checkpoint_dir).filter(|d| !d.is_empty()),
+        lifecycle: crate::model::Lifecycle {
+            stop_signal: Some(s.stop_signal).filter(|s| *s != 0),
+            grace_secs: s.grace_secs,
+            checkpoint_on_preempt: s.checkpoint_on_preempt,
+            max_restarts: s.max_restarts,
+        },
     })
 }
 
@@ -88,6 +94,10 @@ pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
             .map(|t| t.label.clone())
             .unwrap_or_default(),
         topology_required: s.topology.as_ref().is_some_and(|t| t.required),
+        stop_signal: s.lifecycle.stop_signal.unwrap_or(0),
+        grace_secs: s.lifecycle.grace_secs,
+        checkpoint_on_preempt: s.lifecycle.checkpoint_on_preempt,
+        max_restarts: s.lifecycle.max_restarts,
     }
 }
 
@@ -102,6 +112,7 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
         JobState::Cancelled => pb::JobState::Cancelled,
         JobState::TimedOut => pb::JobState::TimedOut,
         JobState::Preempting => pb::JobState::Preempting,
+        JobState::Requeued => pb::JobState::Requeued,
     }
 }
 
@@ -167,6 +178,13 @@ pub fn job_to_pb(state: &State, j: &Job, reason: Option<&str>, position: u32) ->
         queue_position: position,
         priority: j.spec.priority.clone(),
         borrowed: j.alloc.as_ref().is_some_and(|a| a.borrowed),
+        checkpoint_at_ms: j.last_checkpoint.as_ref().map_or(0, |c| c.at_ms),
+        checkpoint_step: j.last_checkpoint.as_ref().and_then(|c| c.step),
+        checkpoint_task: j.last_checkpoint.as_ref().map_or(0, |c| c.task),
+        failures: j.failures,
+        // Filled in by the caller, which knows the cluster's grace policy.
+        stop_signal: 0,
+        grace_secs: 0,
     }
 }
 
@@ -192,6 +210,7 @@ pub fn node_to_pb(state: &State, n: &Node, last_seen_ms: i64) -> pb::NodeInfo {
         memory_bytes_allocated: usage.memory_bytes,
         labels: n.labels.clone().into_iter().collect(),
         last_seen_ms,
+        drain_reason: n.drain.clone().unwrap_or_default(),
     }
 }
 
@@ -207,6 +226,7 @@ fn gpu_to_pb(g: &GpuRecord) -> pb::GpuInfo {
         healthy: g.healthy,
         allocated_to: 0,
         link_group: g.link_group,
+        fault: g.fault.clone(),
     }
 }
 
@@ -230,6 +250,7 @@ pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<T
             numa_node: g.numa_node,
             healthy: g.healthy,
             link_group: g.link_group,
+            fault: String::new(),
         })
         .collect();
     let running = r

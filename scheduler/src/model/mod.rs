@@ -55,6 +55,34 @@ pub struct JobSpec {
     pub priority: String,
     /// Keep the gang's nodes under one value of a node label (block, rack, switch).
     pub topology: Option<TopologySpec>,
+    /// How the job is stopped and restarted.
+    pub lifecycle: Lifecycle,
+}
+
+/// How a job is stopped (preemption, time limit, cancel, a failed gang
+/// member) and whether it is restarted after a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Lifecycle {
+    /// Signal sent first; `None` is SIGTERM. Never SIGKILL or SIGSTOP.
+    pub stop_signal: Option<i32>,
+    /// Seconds between that signal and SIGKILL to the task's whole cgroup;
+    /// `None` is the cluster's `default_grace`. Capped by `max_grace`.
+    pub grace_secs: Option<u64>,
+    /// On preemption, wait (up to the grace) for the job to report a
+    /// checkpoint, then kill it at once instead of waiting for it to exit.
+    pub checkpoint_on_preempt: bool,
+    /// How many times the whole gang is restarted after a task fails.
+    pub max_restarts: u32,
+}
+
+/// The last checkpoint a job reported (`muster checkpoint done`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub at_ms: i64,
+    /// The step the job says it reached, if it said.
+    pub step: Option<u64>,
+    /// The task that reported it.
+    pub task: u32,
 }
 
 /// A job's request to keep its nodes together under one node-label value.
@@ -79,6 +107,10 @@ pub enum JobState {
     /// Chosen as a preemption victim: its tasks are being stopped, and the
     /// job goes back to pending (restart count + 1) once they have exited.
     Preempting,
+    /// Being restarted: a task failed with restarts left (`max_restarts`), or
+    /// the infrastructure failed it (node lost, GPU fault). Its other tasks
+    /// are being stopped; then it is pending again (restart count + 1).
+    Requeued,
 }
 
 impl JobState {
@@ -88,6 +120,12 @@ impl JobState {
             self,
             JobState::Completed | JobState::Failed | JobState::Cancelled | JobState::TimedOut
         )
+    }
+
+    /// Preempting or requeued: its tasks are being stopped so that it can
+    /// run again.
+    pub fn is_stopping(self) -> bool {
+        matches!(self, JobState::Preempting | JobState::Requeued)
     }
 
     /// The lower-case name users see.
@@ -101,6 +139,7 @@ impl JobState {
             JobState::Cancelled => "cancelled",
             JobState::TimedOut => "timed-out",
             JobState::Preempting => "preempting",
+            JobState::Requeued => "requeued",
         }
     }
 }
@@ -202,6 +241,11 @@ pub struct Job {
     pub alloc: Option<Allocation>,
     /// While preempting: the job it makes room for.
     pub preempted_for: Option<JobId>,
+    /// The last checkpoint any of its tasks reported (kept across restarts).
+    pub last_checkpoint: Option<Checkpoint>,
+    /// Restarts used up by task failures (infrastructure requeues and
+    /// preemptions do not count); at most `lifecycle.max_restarts`.
+    pub failures: u32,
 }
 
 impl Job {
@@ -222,6 +266,9 @@ pub struct GpuRecord {
     pub pci_bus_id: String,
     pub numa_node: i32,
     pub healthy: bool,
+    /// Why the scheduler marked it unhealthy (an XID, an ECC error, lost
+    /// from the bus); empty when healthy or when the agent reported it so.
+    pub fault: String,
     /// GPUs of one node with the same group share the closest interconnect
     /// the agent found (an NVLink island, else a PCIe switch, else a NUMA
     /// node); the planner keeps a task's GPUs in one group when it can.
@@ -258,6 +305,16 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     pub state: NodeState,
     pub registered_at_ms: i64,
+    /// Set by `muster node drain` (the reason): running work finishes,
+    /// nothing new is placed. Cleared by `muster node resume`.
+    pub drain: Option<String>,
+}
+
+impl Node {
+    /// Whether new work may be placed here.
+    pub fn schedulable(&self) -> bool {
+        self.state == NodeState::Ready && self.drain.is_none()
+    }
 }
 
 /// A tenant: who jobs are charged to. Tenants form a tree by name

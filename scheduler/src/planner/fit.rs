@@ -30,6 +30,14 @@ pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
     if spec.time_limit_secs == Some(0) {
         return Err("time limit must be greater than 0".into());
     }
+    if let Some(sig) = spec.lifecycle.stop_signal {
+        // SIGKILL (9) and SIGSTOP (19) cannot be caught: no grace would help.
+        if !(1..=64).contains(&sig) || sig == 9 || sig == 19 {
+            return Err(format!(
+                "signal: {sig} cannot be a stop signal (KILL and STOP are refused)"
+            ));
+        }
+    }
     if !state.tenants.contains_key(&spec.tenant) {
         return Err(format!("unknown tenant {:?}", spec.tenant));
     }
@@ -127,7 +135,7 @@ pub fn free_gpus(node: &Node, usage: &NodeUsage) -> Vec<u32> {
 
 /// Take the resources of one task from `node`, if they fit: the GPUs chosen.
 pub fn take(node: &Node, usage: &NodeUsage, r: &Resources) -> Option<Vec<u32>> {
-    if node.state != NodeState::Ready
+    if !node.schedulable()
         || usage.cpu_millis.saturating_add(r.cpu_millis) > node.cpu_millis
         || usage.memory_bytes.saturating_add(r.memory_bytes) > node.memory_bytes
     {
@@ -184,6 +192,12 @@ fn check_task<'a>(
         || t.memory_bytes != r.memory_bytes
     {
         return Err("placement does not match the job's request".into());
+    }
+    if let Some(why) = &node.drain {
+        return Err(format!("node {} is draining ({why})", t.node));
+    }
+    if node.state != NodeState::Ready {
+        return Err(format!("node {} is {}", t.node, node.state.as_str()));
     }
     let usage = tentative
         .entry(t.node.as_str())

@@ -19,7 +19,7 @@
 //! hands out candidates best-fit first. Everything is deterministic: ties go
 //! to the lower node index (nodes are in name order).
 
-use crate::model::{Node, NodeState, Resources, TaskPlacement, TopologySpec};
+use crate::model::{Node, Resources, TaskPlacement, TopologySpec};
 use crate::state::State;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -111,7 +111,7 @@ impl<'a> Cluster<'a> {
             reserved: BTreeSet::new(),
             top: 0,
         };
-        for n in state.nodes.values().filter(|n| n.state == NodeState::Ready) {
+        for n in state.nodes.values().filter(|n| n.schedulable()) {
             let u = state.usage.get(&n.name);
             let mut free = 0u64;
             for g in n.gpus.iter().filter(|g| g.healthy) {

@@ -4,8 +4,8 @@
 //! higher priority class than they do, or when its tenant is below its
 //! guarantee and they run on capacity their tenant borrowed. Victims are
 //! whole gangs, taken in DESIGN.md's cost order: lower priority first, then
-//! borrowed before not, then least work lost (the shortest run since it
-//! started; checkpoints will refine this), then fewest GPUs. A gang that has
+//! borrowed before not, then least work lost (the shortest time since
+//! its run started or its last reported checkpoint, whichever is later), then fewest GPUs. A gang that has
 //! run less than `min_runtime` is protected. Victims are added one at a time
 //! until the preemptor would fit on what they free plus what is free now; if
 //! it never would, nothing is preempted. Only victims on the nodes the
@@ -85,7 +85,7 @@ pub fn find(
         (
             policy.weight(&v.job.spec.priority),
             !borrowed,
-            now_ms - start_of(v.job),
+            now_ms - progress_since(v.job),
             v.job.total_gpus(),
             v.job.id,
         )
@@ -153,6 +153,13 @@ pub fn find(
         return Some((orders, picks));
     }
     None
+}
+
+/// Work since this instant is lost if the job is stopped now: the later of
+/// its run's start and its last reported checkpoint.
+pub fn progress_since(job: &Job) -> i64 {
+    let cp = job.last_checkpoint.as_ref().map_or(0, |c| c.at_ms);
+    start_of(job).max(cp)
 }
 
 /// When a job's current run started (placement time until it reports a start).

@@ -5,8 +5,8 @@ use super::{
     ApplyResult, Command, NodeRegistration, Placement, PreemptOrder, State, TaskKey, TenantUse,
 };
 use crate::model::{
-    AllocId, Allocation, ExitInfo, Job, JobId, JobSpec, JobState, Node, NodeState, TaskPlacement,
-    TaskState, TaskStatus,
+    AllocId, Allocation, ExitInfo, GpuRecord, Job, JobId, JobSpec, JobState, Node, NodeState,
+    TaskPlacement, TaskState, TaskStatus,
 };
 use crate::planner::fit;
 
@@ -81,6 +81,17 @@ impl State {
             Command::TaskStarted { key, at_ms } => self.task_started(*key, *at_ms),
             Command::TaskExited { key, exit, at_ms } => self.task_exited(*key, exit, *at_ms),
             Command::TimeOut { job, at_ms } => self.time_out(*job, *at_ms),
+            Command::TaskCheckpointed { key, step, at_ms } => {
+                self.task_checkpointed(*key, *step, *at_ms)
+            }
+            Command::GpuFailed {
+                node,
+                gpu,
+                reason,
+                drain,
+                at_ms,
+            } => self.gpu_failed(node, *gpu, reason, *drain, *at_ms),
+            Command::DrainNode { name, reason } => self.drain_node(name, reason.as_deref()),
         }
     }
 
@@ -134,6 +145,8 @@ impl State {
                 restart_count: 0,
                 alloc: None,
                 preempted_for: None,
+                last_checkpoint: None,
+                failures: 0,
             },
         );
         self.pending.insert(id);
@@ -167,22 +180,38 @@ impl State {
         running: &[TaskKey],
         at_ms: i64,
     ) -> ApplyResult {
-        let registered_at_ms = self
-            .nodes
-            .get(&reg.name)
-            .map(|n| n.registered_at_ms)
-            .unwrap_or(at_ms);
+        let before = self.nodes.get(&reg.name);
+        let registered_at_ms = before.map(|n| n.registered_at_ms).unwrap_or(at_ms);
+        let drain = before.and_then(|n| n.drain.clone());
+        // A fault the scheduler recorded outlives an agent restart: only
+        // `muster node resume` clears it.
+        let gpus = reg
+            .gpus
+            .iter()
+            .map(|g| {
+                let fault = before
+                    .and_then(|n| n.gpus.iter().find(|o| o.uuid == g.uuid))
+                    .map(|o| o.fault.clone())
+                    .unwrap_or_default();
+                GpuRecord {
+                    healthy: g.healthy && fault.is_empty(),
+                    fault,
+                    ..g.clone()
+                }
+            })
+            .collect();
         self.nodes.insert(
             reg.name.clone(),
             Node {
                 name: reg.name.clone(),
                 address: reg.address.clone(),
-                gpus: reg.gpus.clone(),
+                gpus,
                 cpu_millis: reg.cpu_millis,
                 memory_bytes: reg.memory_bytes,
                 labels: reg.labels.clone(),
                 state: NodeState::Ready,
                 registered_at_ms,
+                drain,
             },
         );
         // Tasks the scheduler believes run there but the agent no longer has.
@@ -318,12 +347,16 @@ impl State {
         let Some(job) = self.jobs.get(&key.job) else {
             return ApplyResult::Applied;
         };
-        if job.state == JobState::Preempting {
+        if job.state.is_stopping() {
             self.requeue_if_stopped(key.job);
         } else if !job.state.is_terminal() {
             if !exit.success() {
                 let reason = format!("task {} {}", key.task, exit.describe());
-                self.finish_job(key.job, JobState::Failed, reason, at_ms);
+                if job.failures < job.spec.lifecycle.max_restarts {
+                    self.requeue(key.job, reason, true, at_ms);
+                } else {
+                    self.finish_job(key.job, JobState::Failed, reason, at_ms);
+                }
             } else if all_tasks(job, |t| t.state == TaskState::Exited) {
                 self.finish_job(key.job, JobState::Completed, String::new(), at_ms);
             }
@@ -360,25 +393,32 @@ impl State {
         job.state = state;
         job.reason = reason;
         job.ended_at_ms = at_ms;
-        let mut unstarted = Vec::new();
-        if let Some(alloc) = job.alloc.as_mut() {
-            for (i, t) in alloc.tasks.iter_mut().enumerate() {
-                if t.state == TaskState::Assigned {
-                    t.state = TaskState::Exited;
-                    t.exit = Some(ExitInfo {
-                        message: "never started".into(),
-                        ..ExitInfo::default()
-                    });
-                    t.ended_at_ms = at_ms;
-                    unstarted.push((i as u32, t.placement.clone()));
-                }
-            }
-        }
-        for (_, p) in unstarted {
-            self.unbook(id, &p);
-        }
+        self.release_unstarted(id, at_ms);
         self.pending.remove(&id);
         self.index_job(id);
+    }
+
+    /// Tasks of the job that never started give their resources back now;
+    /// running ones hold them until their agent reports the exit.
+    pub(super) fn release_unstarted(&mut self, id: JobId, at_ms: i64) {
+        let Some(alloc) = self.jobs.get_mut(&id).and_then(|j| j.alloc.as_mut()) else {
+            return;
+        };
+        let mut unstarted = Vec::new();
+        for t in alloc.tasks.iter_mut() {
+            if t.state == TaskState::Assigned {
+                t.state = TaskState::Exited;
+                t.exit = Some(ExitInfo {
+                    message: "never started".into(),
+                    ..ExitInfo::default()
+                });
+                t.ended_at_ms = at_ms;
+                unstarted.push(t.placement.clone());
+            }
+        }
+        for p in unstarted {
+            self.unbook(id, &p);
+        }
     }
 
     fn lose_task(&mut self, key: TaskKey, message: String, at_ms: i64) {
@@ -393,10 +433,11 @@ impl State {
         task.ended_at_ms = at_ms;
         self.release_task(key);
         let state = self.jobs.get(&key.job).map(|j| j.state);
-        if state == Some(JobState::Preempting) {
+        if state.is_some_and(JobState::is_stopping) {
             self.requeue_if_stopped(key.job);
         } else if state.is_some_and(|s| !s.is_terminal()) {
-            self.finish_job(key.job, JobState::Failed, message, at_ms);
+            // The infrastructure failed the job, not the job itself.
+            self.requeue(key.job, message, false, at_ms);
         }
         self.index_job(key.job);
     }
@@ -439,19 +480,7 @@ impl State {
             job.state = JobState::Preempting;
             job.preempted_for = Some(o.for_job);
             job.reason = format!("preempted for job {}: {}", o.for_job, o.reason);
-            let mut unstarted = Vec::new();
-            if let Some(alloc) = job.alloc.as_mut() {
-                for t in alloc.tasks.iter_mut() {
-                    if t.state == TaskState::Assigned {
-                        t.state = TaskState::Exited;
-                        t.ended_at_ms = at_ms;
-                        unstarted.push(t.placement.clone());
-                    }
-                }
-            }
-            for p in unstarted {
-                self.unbook(o.victim, &p);
-            }
+            self.release_unstarted(o.victim, at_ms);
             self.requeue_if_stopped(o.victim);
             done += 1;
         }
@@ -461,8 +490,9 @@ impl State {
         ApplyResult::Applied
     }
 
-    /// A preempting job whose tasks have all stopped goes back to pending.
-    fn requeue_if_stopped(&mut self, id: JobId) {
+    /// A preempting or requeued job whose tasks have all stopped goes back
+    /// to pending, with its restart count raised.
+    pub(super) fn requeue_if_stopped(&mut self, id: JobId) {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
@@ -479,7 +509,7 @@ impl State {
         }
     }
 
-    fn task_mut(&mut self, key: TaskKey) -> Option<&mut TaskStatus> {
+    pub(super) fn task_mut(&mut self, key: TaskKey) -> Option<&mut TaskStatus> {
         let alloc = self.jobs.get_mut(&key.job)?.alloc.as_mut()?;
         if alloc.id.0 != key.alloc {
             return None;

@@ -16,6 +16,7 @@
 //! gang, so a stale plan can never over-commit a GPU or a quota.
 
 mod apply;
+mod lifecycle;
 mod tenants;
 mod usage;
 
@@ -141,6 +142,30 @@ pub enum Command {
     TimeOut {
         job: JobId,
         at_ms: i64,
+    },
+    /// A task reported a finished checkpoint through its agent (which
+    /// vouches for which task is calling).
+    TaskCheckpointed {
+        key: TaskKey,
+        step: Option<u64>,
+        at_ms: i64,
+    },
+    /// An agent saw a GPU fail (a critical XID, a double-bit ECC error, lost
+    /// from the bus): the GPU is marked unhealthy, the jobs on it are
+    /// requeued without counting against their restarts, and with `drain`
+    /// the node is drained.
+    GpuFailed {
+        node: String,
+        gpu: u32,
+        reason: String,
+        drain: bool,
+        at_ms: i64,
+    },
+    /// `muster node drain` (with a reason) or `muster node resume` (`None`,
+    /// which also clears the GPU faults the scheduler recorded there).
+    DrainNode {
+        name: String,
+        reason: Option<String>,
     },
 }
 

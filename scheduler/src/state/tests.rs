@@ -19,6 +19,7 @@ pub(crate) fn node(name: &str, gpus: u32) -> NodeRegistration {
                 numa_node: 0,
                 healthy: true,
                 link_group: i / 4,
+                fault: String::new(),
             })
             .collect(),
         cpu_millis: 64_000,
@@ -44,6 +45,7 @@ pub(crate) fn spec(tasks: u32, gpus: u32) -> JobSpec {
         checkpoint_dir: None,
         priority: String::new(),
         topology: None,
+        lifecycle: Default::default(),
     }
 }
 
