@@ -80,6 +80,62 @@ pub enum Command {
     Admin(AdminCommand),
     /// Run a one-machine cluster (scheduler and agent) for trying Muster out
     Dev(DevArgs),
+    /// Report from inside a task (to its agent)
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Drain or resume a node
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `muster checkpoint`.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Tell the scheduler this task finished writing a checkpoint to
+    /// $MUSTER_CHECKPOINT_DIR (run it from inside the task)
+    #[command(after_help = "Example, in a training loop:\n  \
+        torch.save(state, f\"{os.environ['MUSTER_CHECKPOINT_DIR']}/ckpt.pt\")\n  \
+        subprocess.run([\"muster\", \"checkpoint\", \"done\", \"--step\", str(step)], check=True)")]
+    Done(CheckpointDoneArgs),
+}
+
+/// `muster checkpoint done`.
+#[derive(Debug, Args)]
+pub struct CheckpointDoneArgs {
+    /// The training step the checkpoint holds
+    #[arg(long, value_name = "N")]
+    pub step: Option<u64>,
+    /// The agent's task socket [default: $MUSTER_AGENT_SOCKET, which every task gets]
+    #[arg(long, value_name = "PATH", env = "MUSTER_AGENT_SOCKET")]
+    pub socket: Option<PathBuf>,
+}
+
+/// `muster node`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Let running work finish and place nothing new on the node
+    Drain(NodeDrainArgs),
+    /// Take work again; also clears the GPU faults recorded on the node
+    Resume(NodeNameArg),
+}
+
+/// `muster node drain`.
+#[derive(Debug, Args)]
+pub struct NodeDrainArgs {
+    /// Node name (as `muster nodes` lists it)
+    #[arg(value_name = "NODE")]
+    pub node: String,
+    /// Why, shown by `muster nodes` [default: drained by an administrator]
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+/// A command that takes one node name.
+#[derive(Debug, Args)]
+pub struct NodeNameArg {
+    /// Node name (as `muster nodes` lists it)
+    #[arg(value_name = "NODE")]
+    pub node: String,
 }
 
 const SUBMIT_EXAMPLES: &str = "\
@@ -102,13 +158,19 @@ A job file (every key optional except command):
   time = \"12h\"                 # or \"12:00:00\"; omit for no limit
   command = [\"torchrun\", \"train.py\"]   # or a string, run by /bin/sh -c
   workdir = \"/data/run\"
+  signal = \"USR1\"             # stop signal [default: TERM]
+  grace = \"2m\"                # then SIGKILL [default: the scheduler's]
+  checkpoint_on_preempt = true  # kill once a checkpoint is reported
+  max_restarts = 3             # restarts after a task failure
   [env]
   NCCL_DEBUG = \"INFO\"
 
 Sizes: bytes, or K/M/G/T (powers of 1024, also KiB/MiB/GiB/TiB), or KB/MB/GB/TB
 (powers of 1000). Durations: 90s, 30m, 2h, 1h30m, MM:SS, HH:MM:SS, D-HH:MM:SS.
 Every task gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
-CUDA_VISIBLE_DEVICES. The job id is printed on stdout.";
+CUDA_VISIBLE_DEVICES, MUSTER_CHECKPOINT_DIR and MUSTER_RESTART_COUNT. A task
+reports a finished checkpoint with `muster checkpoint done --step N`.
+The job id is printed on stdout.";
 
 /// `muster submit`.
 #[derive(Debug, Args)]
@@ -173,6 +235,26 @@ pub struct SubmitArgs {
     /// current directory [default: the current directory]
     #[arg(long, value_name = "DIR", value_parser = clap::value_parser!(PathBuf))]
     pub workdir: Option<PathBuf>,
+
+    /// Signal sent first when the job is stopped (preemption, time limit,
+    /// cancel), e.g. USR1; KILL and STOP are refused [default: TERM]
+    #[arg(long, value_name = "SIG", value_parser = spec::parse_signal)]
+    pub signal: Option<i32>,
+
+    /// Time between that signal and SIGKILL, e.g. 2m; capped by the
+    /// scheduler's `max_grace` [default: the scheduler's `default_grace`]
+    #[arg(long, value_name = "DURATION", value_parser = spec::parse_grace)]
+    pub grace: Option<u64>,
+
+    /// On preemption, kill the job as soon as it reports a checkpoint
+    /// (`muster checkpoint done`) after its signal, instead of waiting for it
+    /// to exit (at most the grace period)
+    #[arg(long)]
+    pub checkpoint_on_preempt: bool,
+
+    /// Restart the whole gang up to N times after a task fails [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
 
     /// The command to run, after `--`
     #[arg(value_name = "COMMAND", trailing_var_arg = true)]

@@ -427,6 +427,19 @@ impl Scheduler {
         }
     }
 
+    /// Drains (`drain`) or resumes a node.
+    pub async fn drain_node(
+        &mut self,
+        req: muster_proto::DrainNodeRequest,
+    ) -> Result<NodeInfo, ClientError> {
+        let subject = format!("node {}", req.name);
+        let what = if req.drain { "drain node" } else { "resume node" };
+        match self.inner.drain_node(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s, what, Some(&subject))),
+        }
+    }
+
     /// The scheduler's view of the cluster.
     pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
         match self.inner.status(StatusRequest {}).await {

@@ -50,6 +50,22 @@ pub struct Job {
     pub ended_at_ms: Option<i64>,
     pub spec: Spec,
     pub tasks: Vec<Task>,
+    /// The last checkpoint reported; `null` when none.
+    pub checkpoint: Option<Checkpoint>,
+    /// Restarts used up by task failures (of `spec.max_restarts`).
+    pub failures: u32,
+    /// The effective stop signal (number and name) and grace in seconds.
+    pub stop_signal: i32,
+    pub stop_signal_name: String,
+    pub grace_secs: u64,
+}
+
+/// A reported checkpoint.
+#[derive(Debug, Serialize)]
+pub struct Checkpoint {
+    pub at_ms: i64,
+    pub step: Option<u64>,
+    pub task: u32,
 }
 
 /// What was asked for.
@@ -66,6 +82,11 @@ pub struct Spec {
     pub env: BTreeMap<String, String>,
     pub workdir: String,
     pub checkpoint_dir: Option<String>,
+    /// As asked (`null`: the default).
+    pub signal: Option<i32>,
+    pub grace_secs: Option<u64>,
+    pub checkpoint_on_preempt: bool,
+    pub max_restarts: u32,
 }
 
 /// One task of a job.
@@ -104,6 +125,8 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     pub last_seen_ms: Option<i64>,
     pub gpus: Vec<Gpu>,
+    /// Why the node is drained (`state` is then `draining` or `drained`).
+    pub drain_reason: Option<String>,
 }
 
 /// One GPU of a node.
@@ -119,6 +142,8 @@ pub struct Gpu {
     pub healthy: bool,
     /// Job holding the GPU; `null` when free.
     pub allocated_to: Option<u64>,
+    /// Why the scheduler marked it unhealthy (XID, ECC, lost).
+    pub fault: Option<String>,
 }
 
 /// `muster status --json`.
@@ -205,6 +230,15 @@ impl From<&JobInfo> for Job {
                 .as_ref()
                 .map_or_else(|| Spec::from(&JobSpec::default()), Spec::from),
             tasks: j.tasks.iter().map(Task::from).collect(),
+            checkpoint: (j.checkpoint_at_ms > 0).then(|| Checkpoint {
+                at_ms: j.checkpoint_at_ms,
+                step: j.checkpoint_step,
+                task: j.checkpoint_task,
+            }),
+            failures: j.failures,
+            stop_signal: j.stop_signal,
+            stop_signal_name: signal_name(j.stop_signal),
+            grace_secs: j.grace_secs,
         }
     }
 }
@@ -223,6 +257,10 @@ impl From<&JobSpec> for Spec {
             env: s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             workdir: s.workdir.clone(),
             checkpoint_dir: some_str(&s.checkpoint_dir),
+            signal: nonzero(s.stop_signal),
+            grace_secs: s.grace_secs,
+            checkpoint_on_preempt: s.checkpoint_on_preempt,
+            max_restarts: s.max_restarts,
         }
     }
 }
@@ -251,7 +289,7 @@ impl From<&NodeInfo> for Node {
         Node {
             name: n.name.clone(),
             address: n.address.clone(),
-            state: n.state.clone(),
+            state: crate::output::node_state(n),
             cpu_millis: n.cpu_millis,
             cpu_millis_allocated: n.cpu_millis_allocated,
             memory_bytes: n.memory_bytes,
@@ -263,6 +301,7 @@ impl From<&NodeInfo> for Node {
                 .collect(),
             last_seen_ms: some_ms(n.last_seen_ms),
             gpus: n.gpus.iter().map(Gpu::from).collect(),
+            drain_reason: some_str(&n.drain_reason),
         }
     }
 }
@@ -279,6 +318,7 @@ impl From<&GpuInfo> for Gpu {
             numa_node: g.numa_node,
             healthy: g.healthy,
             allocated_to: nonzero(g.allocated_to),
+            fault: some_str(&g.fault),
         }
     }
 }

@@ -46,6 +46,12 @@ pub struct PartialSpec {
     pub same: Option<String>,
     /// Node label whose value the gang's nodes should share if they can.
     pub prefer_same: Option<String>,
+    /// Stop signal (number).
+    pub signal: Option<i32>,
+    /// Seconds between the stop signal and SIGKILL.
+    pub grace_secs: Option<u64>,
+    pub checkpoint_on_preempt: Option<bool>,
+    pub max_restarts: Option<u32>,
 }
 
 /// A spec that cannot be used; the message names the flag, or the file and key.
@@ -96,6 +102,10 @@ impl PartialSpec {
             } else {
                 self.prefer_same
             },
+            signal: over.signal.or(self.signal),
+            grace_secs: over.grace_secs.or(self.grace_secs),
+            checkpoint_on_preempt: over.checkpoint_on_preempt.or(self.checkpoint_on_preempt),
+            max_restarts: over.max_restarts.or(self.max_restarts),
         }
     }
 
@@ -123,6 +133,10 @@ impl PartialSpec {
             priority: self.priority.unwrap_or_default(),
             topology_required: self.same.is_some(),
             topology_label: self.same.or(self.prefer_same).unwrap_or_default(),
+            stop_signal: self.signal.unwrap_or(0),
+            grace_secs: self.grace_secs,
+            checkpoint_on_preempt: self.checkpoint_on_preempt.unwrap_or(false),
+            max_restarts: self.max_restarts.unwrap_or(0),
         })
     }
 }
@@ -316,6 +330,40 @@ pub fn parse_env_pair(text: &str) -> Result<(String, String), String> {
 }
 
 /// Checks a name-like value (job name, tenant) is not blank.
+/// A stop signal by name (`TERM`, `SIGUSR1`) or number; KILL and STOP,
+/// which no program can catch, are refused.
+pub fn parse_signal(text: &str) -> Result<i32, String> {
+    use nix::sys::signal::Signal;
+    let t = text.trim();
+    let sig = match t.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"))?,
+        Err(_) => {
+            let upper = t.to_ascii_uppercase();
+            let name = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            name.parse::<Signal>()
+                .map_err(|_| format!("unknown signal {t:?} (try TERM, INT, USR1, USR2)"))?
+        }
+    };
+    if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+        return Err(format!(
+            "{sig} cannot be caught, so it cannot start a graceful stop"
+        ));
+    }
+    Ok(sig as i32)
+}
+
+/// A grace period, e.g. `30s`, `5m`, `00:05:00`.
+pub fn parse_grace(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_time_limit(text)
+}
+
 pub fn parse_nonempty(text: &str) -> Result<String, String> {
     if text.trim().is_empty() {
         Err("must not be empty".to_string())
@@ -343,6 +391,10 @@ struct RawJobFile {
     priority: Option<String>,
     same: Option<String>,
     prefer_same: Option<String>,
+    signal: Option<toml::Value>,
+    grace: Option<toml::Value>,
+    checkpoint_on_preempt: Option<bool>,
+    max_restarts: Option<i64>,
 }
 
 /// Reads and validates a job file.
@@ -405,6 +457,30 @@ pub fn from_toml(path: &str, text: &str) -> Result<PartialSpec, SpecError> {
             .map_err(|m| key_err("command", m))?,
         env: toml_env(raw.env.unwrap_or_default()).map_err(|m| key_err("env", m))?,
         workdir: nonempty("workdir", raw.workdir)?.map(PathBuf::from),
+        signal: raw
+            .signal
+            .map(|v| match v {
+                toml::Value::String(s) => parse_signal(&s),
+                toml::Value::Integer(n) => parse_signal(&n.to_string()),
+                _ => Err("must be a signal name or number".to_string()),
+            })
+            .transpose()
+            .map_err(|m| key_err("signal", m))?,
+        grace_secs: raw
+            .grace
+            .map(|v| match v {
+                toml::Value::String(s) => parse_grace(&s),
+                toml::Value::Integer(n) if n >= 0 => Ok(n as u64),
+                _ => Err("must be a duration such as \"30s\" or seconds".to_string()),
+            })
+            .transpose()
+            .map_err(|m| key_err("grace", m))?,
+        checkpoint_on_preempt: raw.checkpoint_on_preempt,
+        max_restarts: raw
+            .max_restarts
+            .map(|n| u32::try_from(n).map_err(|_| "must be 0 or more".to_string()))
+            .transpose()
+            .map_err(|m| key_err("max_restarts", m))?,
     };
     if spec.same.is_some() && spec.prefer_same.is_some() {
         return Err(key_err(

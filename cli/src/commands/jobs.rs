@@ -249,7 +249,9 @@ fn job_fields(job: &JobInfo, now: i64) -> Vec<(&'static str, String)> {
     }
     fields.extend([
         ("Reason", or_dash(&job.reason)),
-        ("Restarts", job.restart_count.to_string()),
+        ("Restarts", restarts(job, &spec)),
+        ("Stop", stop_text(job, &spec)),
+        ("Checkpoint", checkpoint_text(job, now)),
         ("Tasks", format!("{} × ({})", spec.tasks, per_task(&spec))),
         ("Time limit", time_limit(&spec)),
         ("Command", format_command(&spec.command)),
@@ -258,12 +260,54 @@ fn job_fields(job: &JobInfo, now: i64) -> Vec<(&'static str, String)> {
             "Env",
             or_dash(&env.into_iter().collect::<Vec<_>>().join(" ")),
         ),
-        ("Checkpoints", or_dash(&spec.checkpoint_dir)),
+        ("Checkpoint dir", checkpoint_dir(job, &spec)),
         ("Submitted", when(job.submitted_at_ms, now)),
         ("Started", when(job.started_at_ms, now)),
         ("Ended", when(job.ended_at_ms, now)),
     ]);
     fields
+}
+
+/// `2 (1 of 3 allowed after failures used)`.
+fn restarts(job: &JobInfo, spec: &muster_proto::JobSpec) -> String {
+    if spec.max_restarts == 0 {
+        return job.restart_count.to_string();
+    }
+    format!(
+        "{} ({} of {} failure restarts used)",
+        job.restart_count, job.failures, spec.max_restarts
+    )
+}
+
+/// `SIGUSR1, then SIGKILL after 30s (killed at once after a checkpoint)`.
+fn stop_text(job: &JobInfo, spec: &muster_proto::JobSpec) -> String {
+    if job.stop_signal == 0 {
+        return "-".to_string();
+    }
+    let mut text = format!(
+        "{}, then SIGKILL after {}",
+        crate::output::signal_name(job.stop_signal),
+        humantime::format_duration(std::time::Duration::from_secs(job.grace_secs))
+    );
+    if spec.checkpoint_on_preempt {
+        text.push_str(" (or as soon as a checkpoint is reported)");
+    }
+    text
+}
+
+/// `step 1200 at 2026-12-01 10:00:00 UTC (5m ago), by task 0`.
+fn checkpoint_text(job: &JobInfo, now: i64) -> String {
+    if job.checkpoint_at_ms == 0 {
+        return "none reported".to_string();
+    }
+    let step = job
+        .checkpoint_step
+        .map_or_else(String::new, |s| format!("step {s} "));
+    format!(
+        "{step}at {}, by task {}",
+        when(job.checkpoint_at_ms, now),
+        job.checkpoint_task
+    )
 }
 
 /// The task table of `muster show`.
@@ -284,6 +328,15 @@ fn task_table(job: &JobInfo, now: i64) -> Table {
         ]);
     }
     table
+}
+
+/// The job's checkpoint directory: as asked, or as its tasks were told.
+fn checkpoint_dir(job: &JobInfo, spec: &muster_proto::JobSpec) -> String {
+    if !spec.checkpoint_dir.is_empty() {
+        return spec.checkpoint_dir.clone();
+    }
+    // The scheduler's default, <checkpoint_root>/<id>; say so.
+    format!("the scheduler's checkpoint_root/{}", job.id)
 }
 
 /// Everything `muster show` prints.

@@ -5,6 +5,7 @@
 //! [`crate::json`] shape. They return `anyhow::Result`; `main` prints the error.
 
 mod admin;
+mod checkpoint;
 mod cluster;
 mod jobs;
 mod logs;
@@ -84,6 +85,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Checkpoint(crate::args::CheckpointCommand::Done(a)) => {
+            checkpoint::done(&ctx, a).await
+        }
+        Command::Node(cmd) => nodes::drain(&ctx, cmd).await,
     }
 }
 

@@ -7,7 +7,7 @@ use muster_proto::NodeInfo;
 use super::Ctx;
 use crate::args::NodesArgs;
 use crate::json;
-use crate::output::{format_bytes, format_cpus, or_dash, Table};
+use crate::output::{format_bytes, format_cpus, node_state, or_dash, Table};
 
 /// Lists nodes (and their GPUs with `--gpus`).
 pub async fn run(ctx: &Ctx, args: NodesArgs) -> anyhow::Result<()> {
@@ -19,9 +19,41 @@ pub async fn run(ctx: &Ctx, args: NodesArgs) -> anyhow::Result<()> {
         return json::print(&json::Nodes { nodes });
     }
     print!("{}", node_table(&nodes).render());
+    for line in problems(&nodes) {
+        println!("{line}");
+    }
     if args.gpus {
         println!();
         print!("{}", gpu_table(&nodes).render());
+    }
+    Ok(())
+}
+
+/// `muster node drain|resume`.
+pub async fn drain(ctx: &Ctx, cmd: crate::args::NodeCommand) -> anyhow::Result<()> {
+    use crate::args::NodeCommand;
+    let req = match cmd {
+        NodeCommand::Drain(a) => muster_proto::DrainNodeRequest {
+            name: a.node,
+            drain: true,
+            reason: a.reason.unwrap_or_default(),
+        },
+        NodeCommand::Resume(a) => muster_proto::DrainNodeRequest {
+            name: a.node,
+            drain: false,
+            reason: String::new(),
+        },
+    };
+    let mut scheduler = ctx.scheduler().await?;
+    let drain = req.drain;
+    let node = scheduler.drain_node(req).await?;
+    if ctx.json() {
+        return json::print(&json::Node::from(&node));
+    }
+    if drain {
+        println!("node {} {}: {}", node.name, node_state(&node), node.drain_reason);
+    } else {
+        println!("node {} resumed: {}", node.name, node_state(&node));
     }
     Ok(())
 }
@@ -35,6 +67,25 @@ fn models(node: &NodeInfo) -> String {
         .filter(|m| !m.is_empty())
         .collect();
     or_dash(&models.into_iter().collect::<Vec<_>>().join(","))
+}
+
+/// Why nodes are drained and GPUs unhealthy, one line each.
+pub fn problems(nodes: &[NodeInfo]) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in nodes {
+        if !n.drain_reason.is_empty() {
+            out.push(format!("{}: {}: {}", n.name, node_state(n), n.drain_reason));
+        }
+        for g in n.gpus.iter().filter(|g| !g.healthy) {
+            let why = if g.fault.is_empty() {
+                "reported unhealthy by the agent"
+            } else {
+                g.fault.as_str()
+            };
+            out.push(format!("{}: GPU {}: {why}", n.name, g.index));
+        }
+    }
+    out
 }
 
 /// One row per node.
@@ -54,7 +105,7 @@ pub fn node_table(nodes: &[NodeInfo]) -> Table {
         let unhealthy = n.gpus.iter().filter(|g| !g.healthy).count();
         table.row(vec![
             n.name.clone(),
-            or_dash(&n.state),
+            node_state(n),
             n.gpus.len().to_string(),
             allocated.to_string(),
             unhealthy.to_string(),
@@ -87,7 +138,11 @@ pub fn gpu_table(nodes: &[NodeInfo]) -> Table {
                 or_dash(&g.uuid),
                 or_dash(&g.model),
                 format_bytes(g.memory_bytes),
-                if g.healthy { "ok" } else { "unhealthy" }.to_string(),
+                match (g.healthy, g.fault.as_str()) {
+                    (true, _) => "ok".to_string(),
+                    (false, "") => "unhealthy".to_string(),
+                    (false, why) => format!("unhealthy: {why}"),
+                },
                 match g.allocated_to {
                     0 => "-".to_string(),
                     job => job.to_string(),

@@ -72,6 +72,10 @@ fn flag_spec(args: SubmitArgs) -> Result<PartialSpec, SpecError> {
         command,
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
         workdir: args.workdir,
+        signal: args.signal,
+        grace_secs: args.grace,
+        checkpoint_on_preempt: args.checkpoint_on_preempt.then_some(true),
+        max_restarts: args.max_restarts,
     })
 }
 
