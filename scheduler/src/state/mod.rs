@@ -312,4 +312,6 @@ pub fn held_gpus(job: &Job) -> u32 {
 }
 
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 pub(crate) mod tests;

@@ -307,7 +307,7 @@ fn cancel_pending_placed_and_finished() {
 }
 
 #[test]
-fn lost_node_releases_its_gpus_and_fails_its_jobs() {
+fn lost_node_releases_its_gpus_and_requeues_its_jobs() {
     let mut w = World::new(&[("a", 4), ("b", 4)]);
     let j = w.submit(2, 4);
     w.schedule();
@@ -317,8 +317,11 @@ fn lost_node_releases_its_gpus_and_fails_its_jobs() {
         at_ms: 50,
     });
     assert_eq!(w.s.nodes["b"].state, NodeState::Lost);
-    assert_eq!(w.state(j), JobState::Failed);
+    // The infrastructure failed the job: it is requeued, not failed, and
+    // waits for its task on node a to stop.
+    assert_eq!(w.state(j), JobState::Requeued);
     assert!(w.s.jobs[&j].reason.contains("node b lost"));
+    assert_eq!(w.s.jobs[&j].failures, 0, "not counted against its restarts");
     let b = &w.s.nodes["b"];
     let one = Resources {
         gpus: 1,
@@ -332,6 +335,10 @@ fn lost_node_releases_its_gpus_and_fails_its_jobs() {
     assert_eq!(w.s.node_usage("b").gpus.len(), 0);
     // Node a's task still holds its GPUs until its agent reports the kill.
     assert_eq!(w.free_gpus("a"), 0);
+    w.exit(j, 0, 143);
+    assert_eq!(w.state(j), JobState::Pending);
+    assert_eq!(w.s.jobs[&j].restart_count, 1);
+    assert_eq!(w.free_gpus("a"), 4);
 }
 
 #[test]
@@ -349,9 +356,10 @@ fn reregistration_adopts_reported_tasks_and_loses_the_rest() {
         at_ms: 70,
     });
     assert_eq!(w.state(kept), JobState::Running);
-    assert_eq!(w.state(gone), JobState::Failed);
-    let t = &w.s.jobs[&gone].alloc.as_ref().unwrap().tasks[0];
-    assert_eq!(t.state, TaskState::Lost);
+    // Its only task was lost: straight back to the queue, restart counted.
+    assert_eq!(w.state(gone), JobState::Pending);
+    assert_eq!(w.s.jobs[&gone].restart_count, 1);
+    assert!(w.s.jobs[&gone].reason.contains("came back without it"));
     assert_eq!(w.free_gpus("a"), 4);
 }
 
