@@ -265,7 +265,11 @@ fn renew_lease(path: &std::path::Path, sent_ms: i64, lease: Duration, runtime: &
         tracing::warn!("cannot write the lease file {}: {e}", path.display());
         return;
     }
-    runtime.thaw_fenced();
+    // An ack that waited in the stream while the agent was stalled renews
+    // nothing: thaw only on a lease that is alive now.
+    if deadline > crate::task::fence::now_ms() {
+        runtime.thaw_fenced();
+    }
 }
 
 async fn send(

@@ -184,6 +184,8 @@ pub struct ClusterSpec {
     /// Use real cgroups (as root) or none.
     pub cgroups: bool,
     pub kill_grace: &'static str,
+    /// Extra top-level keys for every agent's config (e.g. `log_files = 2`).
+    pub agent_toml: &'static str,
 }
 
 impl Default for ClusterSpec {
@@ -197,6 +199,7 @@ impl Default for ClusterSpec {
             gpus_per_agent: 4,
             cgroups: has_cgroup_v1(),
             kill_grace: "1s",
+            agent_toml: "",
         }
     }
 }
@@ -413,7 +416,7 @@ impl Cluster {
                 "node_name = \"{}\"\nschedulers = [{}]\nlisten = \"127.0.0.1:0\"\n\
                  data_dir = \"{}\"\ncgroups = \"{cgroups}\"\ncgroup_parent = \"{}/agent-{i}\"\n\
                  allow_root_jobs = true\nkill_grace = \"{}\"\ncpu_millis = 16000\n\
-                 memory_bytes = 17179869184\n[gpu]\nbackend = \"nvml\"\nlibrary_path = \"{}\"\n",
+                 memory_bytes = 17179869184\n{}\n[gpu]\nbackend = \"nvml\"\nlibrary_path = \"{}\"\n",
                 self.node_name(i),
                 self.sched_addrs
                     .iter()
@@ -423,6 +426,7 @@ impl Cluster {
                 self.path(&format!("agent-{i}-data")).display(),
                 self.id,
                 self.spec.kill_grace,
+                self.spec.agent_toml,
                 lib.display()
             ),
         )?;
@@ -523,6 +527,20 @@ impl Cluster {
         )?;
         self.agents[i] = Some(child);
         Ok(())
+    }
+
+    /// Send `sig` to agent `i` (SIGSTOP to stall it, SIGCONT to resume it).
+    pub fn signal_agent(&self, i: usize, sig: nix::sys::signal::Signal) -> Result<()> {
+        let child = self.agents[i]
+            .as_ref()
+            .ok_or_else(|| anyhow!("agent {i} is not running"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)
+            .with_context(|| format!("signalling agent {i}"))
+    }
+
+    /// Agent `i`'s data folder (task records, logs, its sockets).
+    pub fn agent_data(&self, i: usize) -> PathBuf {
+        self.path(&format!("agent-{i}-data"))
     }
 
     /// `kill -9` agent `i` (its tasks keep running under their supervisors).

@@ -108,9 +108,16 @@ mod tests {
         write_deadline(&lease, now_ms() - 1).unwrap();
         assert!(check(&lease, &marker, pid, &[]), "lease passed: frozen");
         assert!(marker.exists());
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let state = stat.rsplit(") ").next().unwrap().chars().next().unwrap();
-        assert_eq!(state, 'T', "stopped: {stat}");
+        // Signals are delivered asynchronously: give the kernel a moment.
+        let state = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            stat.rsplit(") ").next().unwrap().chars().next().unwrap()
+        };
+        let t0 = std::time::Instant::now();
+        while state() != 'T' && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(state(), 'T', "stopped");
         assert!(!check(&lease, &marker, pid, &[]), "already frozen");
         signal_task(pid, &[], Signal::SIGKILL);
         let _ = child.wait();

@@ -100,10 +100,21 @@ async fn run_session(
             let _ = tx.send(Err(not_leader(&ctx, st.leader))).await;
             break;
         }
-        let desired = {
+        let (desired, lost) = {
             let state = ctx.raft.state();
-            desired_for_node(&state, &node, &ctx.cfg)
+            let lost = state
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.state == crate::model::NodeState::Lost);
+            (desired_for_node(&state, &node, &ctx.cfg), lost)
         };
+        if lost {
+            // Its lease expired while this stream stayed open (a stalled
+            // agent): make it register again, reporting what it still runs.
+            let msg = format!("node {node} was marked lost; register again");
+            let _ = tx.send(Err(Status::unavailable(msg))).await;
+            break;
+        }
         if last_sent.as_ref() != Some(&desired) {
             let msg = pb::SchedulerMessage {
                 kind: Some(pb::scheduler_message::Kind::Assignments(pb::Assignments {
