@@ -271,6 +271,8 @@ fn a_stalled_agent_is_fenced_before_its_job_runs_elsewhere() {
         (!beats(&c, id, &second).is_empty()).then_some(())
     })
     .expect("new beats");
+    // Give a copy that was not fenced the time to show itself.
+    std::thread::sleep(Duration::from_secs(1));
     let old = beats(&c, id, &first);
     let new = beats(&c, id, &second);
     let (last_old, first_new) = (old[old.len() - 1], new[0]);
