@@ -277,5 +277,29 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/agent.toml");
         let cfg = AgentConfig::load(&p).unwrap();
         assert_eq!(cfg.kill_grace, Duration::from_secs(10));
+        assert!(cfg.self_fence);
+        assert_eq!(cfg.ignored_xids, crate::health::DEFAULT_IGNORED_XIDS);
+        assert_eq!(cfg.log_files, 3);
+        assert_eq!(cfg.task_socket_path(), cfg.data_dir.join("task.sock"));
+    }
+
+    #[test]
+    fn lifecycle_keys_are_checked() {
+        for (text, key) in [
+            ("log_files = 0\n", "log_files"),
+            ("log_max_bytes = 10\n", "log_max_bytes"),
+            ("self_fence = \"yes\"\n", "self_fence"),
+            ("ignored_xids = [\"x\"]\n", "ignored_xids"),
+        ] {
+            let e = AgentConfig::parse(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let long = format!("task_socket = \"/{}\"\n", "x".repeat(120));
+        let e = AgentConfig::parse(&long, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("task_socket"), "{e}");
     }
 }

@@ -121,7 +121,10 @@ mod tests {
         let ecc = HealthEvent::DoubleBitEcc {
             uuid: "GPU-1".into(),
         };
-        assert_eq!(verdict(&ecc, ignored).as_deref(), Some("double-bit ECC error"));
+        assert_eq!(
+            verdict(&ecc, ignored).as_deref(),
+            Some("double-bit ECC error")
+        );
         let lost = HealthEvent::Lost {
             uuid: "GPU-1".into(),
         };

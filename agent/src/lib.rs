@@ -113,7 +113,9 @@ pub async fn run(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let lease_file = cfg.self_fence.then(|| data_dir.join("lease"));
     if lease_file.is_none() {
-        tracing::warn!("self_fence = false: a stalled agent's tasks may run beside their replacements");
+        tracing::warn!(
+            "self_fence = false: a stalled agent's tasks may run beside their replacements"
+        );
     }
     let task_socket = cfg.task_socket_path();
     let settings = task::RuntimeSettings {
@@ -159,11 +161,10 @@ pub async fn run(
     };
     tracing::info!(node = %node.name, address = %node.address, "agent starting");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task_listener =
-        task_socket::bind(&task_socket).map_err(|source| AgentError::DataDir {
-            path: task_socket.clone(),
-            source,
-        })?;
+    let task_listener = task_socket::bind(&task_socket).map_err(|source| AgentError::DataDir {
+        path: task_socket.clone(),
+        source,
+    })?;
     tracing::info!(socket = %task_socket.display(), "task socket ready");
     let tasks_served = tokio::spawn(task_socket::serve(
         task_listener,

@@ -433,7 +433,11 @@ impl Scheduler {
         req: muster_proto::DrainNodeRequest,
     ) -> Result<NodeInfo, ClientError> {
         let subject = format!("node {}", req.name);
-        let what = if req.drain { "drain node" } else { "resume node" };
+        let what = if req.drain {
+            "drain node"
+        } else {
+            "resume node"
+        };
         match self.inner.drain_node(req).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s, what, Some(&subject))),

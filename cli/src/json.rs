@@ -230,7 +230,7 @@ impl From<&JobInfo> for Job {
                 .as_ref()
                 .map_or_else(|| Spec::from(&JobSpec::default()), Spec::from),
             tasks: j.tasks.iter().map(Task::from).collect(),
-            checkpoint: (j.checkpoint_at_ms > 0).then(|| Checkpoint {
+            checkpoint: (j.checkpoint_at_ms > 0).then_some(Checkpoint {
                 at_ms: j.checkpoint_at_ms,
                 step: j.checkpoint_step,
                 task: j.checkpoint_task,

@@ -211,6 +211,16 @@ pub fn format_command(argv: &[String]) -> String {
         .join(" ")
 }
 
+/// A node's state as users see it: `ready`, `draining` (drained, work still
+/// runs), `drained` (drained and empty), or `lost`.
+pub fn node_state(n: &muster_proto::NodeInfo) -> String {
+    if n.state == "ready" && !n.drain_reason.is_empty() {
+        let busy = n.gpus.iter().any(|g| g.allocated_to != 0) || n.cpu_millis_allocated > 0;
+        return if busy { "draining" } else { "drained" }.to_string();
+    }
+    or_dash(&n.state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,14 +284,4 @@ mod tests {
         let argv: Vec<String> = ["python", "-c", "print('hi')"].map(String::from).to_vec();
         assert_eq!(format_command(&argv), r"python -c 'print('\''hi'\'')'");
     }
-}
-
-/// A node's state as users see it: `ready`, `draining` (drained, work still
-/// runs), `drained` (drained and empty), or `lost`.
-pub fn node_state(n: &muster_proto::NodeInfo) -> String {
-    if n.state == "ready" && !n.drain_reason.is_empty() {
-        let busy = n.gpus.iter().any(|g| g.allocated_to != 0) || n.cpu_millis_allocated > 0;
-        return if busy { "draining" } else { "drained" }.to_string();
-    }
-    or_dash(&n.state)
 }

@@ -29,6 +29,9 @@ fn default_true() -> bool {
 fn default_preemptors() -> usize {
     Policy::default().preemptors
 }
+/// SIGTERM's number (15 on every Linux architecture).
+const SIGTERM: i32 = 15;
+
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
@@ -154,7 +157,7 @@ impl SchedulingConfig {
             .grace_secs
             .map_or(self.default_grace, Duration::from_secs)
             .min(self.max_grace);
-        (l.stop_signal.unwrap_or(libc_sigterm()), grace)
+        (l.stop_signal.unwrap_or(SIGTERM), grace)
     }
 
     /// Whether `class` may be named by a job (empty means the default).
@@ -173,6 +176,32 @@ impl SchedulingConfig {
 #[cfg(test)]
 mod tests {
     use crate::config::SchedulerConfig;
+    use crate::model::Lifecycle;
+    use std::time::Duration;
+
+    #[test]
+    fn stop_policy_defaults_and_caps() {
+        let s = super::SchedulingConfig::default();
+        assert_eq!(
+            s.stop_of(&Lifecycle::default()),
+            (15, Duration::from_secs(30))
+        );
+        let asked = Lifecycle {
+            stop_signal: Some(10),
+            grace_secs: Some(24 * 3600),
+            ..Lifecycle::default()
+        };
+        assert_eq!(
+            s.stop_of(&asked),
+            (10, Duration::from_secs(15 * 60)),
+            "capped"
+        );
+        let zero = Lifecycle {
+            grace_secs: Some(0),
+            ..Lifecycle::default()
+        };
+        assert_eq!(s.stop_of(&zero).1, Duration::ZERO, "0 means kill at once");
+    }
     use std::path::Path;
 
     #[test]
@@ -194,14 +223,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("scheduling.default_priority"), "{e}");
+        let e = SchedulerConfig::parse(
+            "[scheduling]\ndefault_grace = \"20m\"\nmax_grace = \"10m\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("scheduling.default_grace"), "{e}");
         let e = SchedulerConfig::parse("[scheduling]\nbogus = 1\n", Path::new("s.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
     }
-}
-
-/// SIGTERM's number (15 on every Linux architecture).
-fn libc_sigterm() -> i32 {
-    15
 }

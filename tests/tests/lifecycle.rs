@@ -61,8 +61,23 @@ while true; do sleep 0.1; done
     let bin = format!("MUSTER_BIN={}", muster_bin());
     let low = c
         .submit(&[
-            "--tasks", "2", "--gpus", "4", "--priority", "low", "--signal", "USR1",
-            "--grace", "5m", "--checkpoint-on-preempt", "--env", &bin, "--", "sh", "-c", script,
+            "--tasks",
+            "2",
+            "--gpus",
+            "4",
+            "--priority",
+            "low",
+            "--signal",
+            "USR1",
+            "--grace",
+            "5m",
+            "--checkpoint-on-preempt",
+            "--env",
+            &bin,
+            "--",
+            "sh",
+            "-c",
+            script,
         ])
         .expect("submit low");
     c.wait_state(low, "running", T).expect("low running");
@@ -71,7 +86,17 @@ while true; do sleep 0.1; done
     })
     .expect("started");
     let high = c
-        .submit(&["--tasks", "1", "--gpus", "4", "--priority", "high", "--", "sleep", "2"])
+        .submit(&[
+            "--tasks",
+            "1",
+            "--gpus",
+            "4",
+            "--priority",
+            "high",
+            "--",
+            "sleep",
+            "2",
+        ])
         .expect("submit high");
     let started = std::time::Instant::now();
     c.wait_state(high, "running", T).expect("high running");
@@ -87,10 +112,16 @@ while true; do sleep 0.1; done
     assert_eq!(done["failures"], 0, "a preemption is not a failure: {done}");
     for task in 0..2 {
         let out = logs(&c, low, task);
-        assert!(out.contains("resumed restart=1 from step-3"), "task {task}: {out}");
+        assert!(
+            out.contains("resumed restart=1 from step-3"),
+            "task {task}: {out}"
+        );
     }
     let text = c.ok(&["show", &low.to_string()]).expect("show text");
-    assert!(text.contains("Checkpoint:") && text.contains("step 3"), "{text}");
+    assert!(
+        text.contains("Checkpoint:") && text.contains("step 3"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -103,10 +134,15 @@ fn a_time_limit_sends_the_signal_then_kills_after_the_grace() {
     // Ignores its signal: only the SIGKILL after the grace can end it.
     let script = "trap 'echo got USR1' USR1; while true; do sleep 0.1; done";
     let id = c
-        .submit(&["--time", "2s", "--signal", "USR1", "--grace", "2s", "--", "sh", "-c", script])
+        .submit(&[
+            "--time", "2s", "--signal", "USR1", "--grace", "2s", "--", "sh", "-c", script,
+        ])
         .expect("submit");
     let job = c.wait_state(id, "timed-out", T).expect("timed out");
-    assert!(job["reason"].as_str().unwrap_or("").contains("time limit"), "{job}");
+    assert!(
+        job["reason"].as_str().unwrap_or("").contains("time limit"),
+        "{job}"
+    );
     let task = &job["tasks"][0];
     let killed = wait_for("the task's exit", T, || {
         let j = c.show(id).ok()?;
@@ -115,7 +151,10 @@ fn a_time_limit_sends_the_signal_then_kills_after_the_grace() {
     })
     .unwrap_or_else(|e| panic!("{e}; {task}"));
     assert_eq!(killed["signal_name"], "SIGKILL", "{killed}");
-    assert!(logs(&c, id, 0).contains("got USR1"), "the signal came first");
+    assert!(
+        logs(&c, id, 0).contains("got USR1"),
+        "the signal came first"
+    );
 }
 
 #[test]
@@ -123,14 +162,25 @@ fn max_restarts_restarts_the_whole_gang_after_a_failure() {
     let c = Cluster::start(ClusterSpec::default()).expect("cluster");
     let script = r#"echo "run $MUSTER_RESTART_COUNT"; [ "$MUSTER_RESTART_COUNT" = 1 ] && exit 0; [ "$RANK" = 0 ] && exit 3; sleep 600"#;
     let id = c
-        .submit(&["--tasks", "2", "--gpus", "1", "--max-restarts", "1", "--", "sh", "-c", script])
+        .submit(&[
+            "--tasks",
+            "2",
+            "--gpus",
+            "1",
+            "--max-restarts",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
         .expect("submit");
-    let job = c.wait_state(id, "completed", T).expect("completed after a restart");
+    let job = c
+        .wait_state(id, "completed", T)
+        .expect("completed after a restart");
     assert_eq!(job["restart_count"], 1, "{job}");
     assert_eq!(job["failures"], 1, "{job}");
-    let no_restarts = c
-        .submit(&["--", "sh", "-c", "exit 3"])
-        .expect("submit");
+    let no_restarts = c.submit(&["--", "sh", "-c", "exit 3"]).expect("submit");
     let failed = c.wait_state(no_restarts, "failed", T).expect("failed");
     assert_eq!(failed["restart_count"], 0, "{failed}");
 }
@@ -138,14 +188,23 @@ fn max_restarts_restarts_the_whole_gang_after_a_failure() {
 #[test]
 fn a_drained_node_finishes_its_work_and_takes_no_more_until_resumed() {
     let c = Cluster::start(ClusterSpec::default()).expect("cluster");
-    let long = c.submit(&["--gpus", "1", "--", "sleep", "600"]).expect("submit");
+    let long = c
+        .submit(&["--gpus", "1", "--", "sleep", "600"])
+        .expect("submit");
     let job = c.wait_state(long, "running", T).expect("running");
     let node = job["tasks"][0]["node"].as_str().expect("node").to_string();
     let out = c
         .ok(&["node", "drain", &node, "--reason", "maintenance"])
         .expect("drain");
-    assert!(out.contains("draining") && out.contains("maintenance"), "{out}");
-    assert_eq!(c.show(long).expect("show")["state"], "running", "work finishes");
+    assert!(
+        out.contains("draining") && out.contains("maintenance"),
+        "{out}"
+    );
+    assert_eq!(
+        c.show(long).expect("show")["state"],
+        "running",
+        "work finishes"
+    );
     // Needs both nodes' GPUs: cannot start while one is drained.
     let wide = c
         .submit(&["--tasks", "2", "--gpus", "4", "--", "true"])
@@ -155,14 +214,22 @@ fn a_drained_node_finishes_its_work_and_takes_no_more_until_resumed() {
     c.ok(&["cancel", &long.to_string()]).expect("cancel");
     wait_for("the node to be drained", T, || {
         let v = c.json(&["nodes"]).ok()?;
-        let n = v["nodes"].as_array()?.iter().find(|n| n["name"] == node.as_str())?.clone();
+        let n = v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == node.as_str())?
+            .clone();
         (n["state"] == "drained").then_some(())
     })
     .expect("drained");
     let text = c.ok(&["nodes"]).expect("nodes");
-    assert!(text.contains(&format!("{node}: drained: maintenance")), "{text}");
+    assert!(
+        text.contains(&format!("{node}: drained: maintenance")),
+        "{text}"
+    );
     c.ok(&["node", "resume", &node]).expect("resume");
-    c.wait_state(wide, "completed", T).expect("runs after resume");
+    c.wait_state(wide, "completed", T)
+        .expect("runs after resume");
     let bad = c.muster(&["node", "drain", "no-such-node"]).expect("run");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no-such-node"));
@@ -171,7 +238,9 @@ fn a_drained_node_finishes_its_work_and_takes_no_more_until_resumed() {
 #[test]
 fn an_xid_79_requeues_the_job_onto_healthy_gpus_and_marks_the_gpu() {
     let c = Cluster::start(ClusterSpec::default()).expect("cluster");
-    let id = c.submit(&["--gpus", "4", "--", "sleep", "600"]).expect("submit");
+    let id = c
+        .submit(&["--gpus", "4", "--", "sleep", "600"])
+        .expect("submit");
     let job = c.wait_state(id, "running", T).expect("running");
     let node = job["tasks"][0]["node"].as_str().expect("node").to_string();
     let agent: usize = node.trim_start_matches("node-").parse().expect("index");
@@ -190,7 +259,10 @@ fn an_xid_79_requeues_the_job_onto_healthy_gpus_and_marks_the_gpu() {
     })
     .unwrap_or_else(|e| panic!("{e}; {}", c.log_tail()));
     assert_eq!(moved["restart_count"], 1, "{moved}");
-    assert_eq!(moved["failures"], 0, "a GPU fault is not the job's: {moved}");
+    assert_eq!(
+        moved["failures"], 0,
+        "a GPU fault is not the job's: {moved}"
+    );
     let nodes = c.json(&["nodes"]).expect("nodes");
     let gpu = nodes["nodes"]
         .as_array()
@@ -203,11 +275,15 @@ fn an_xid_79_requeues_the_job_onto_healthy_gpus_and_marks_the_gpu() {
     assert!(text.contains(&format!("{node}: GPU 1: XID 79")), "{text}");
     // With one GPU out, that node can no longer take a 4-GPU task.
     c.ok(&["cancel", &id.to_string()]).expect("cancel");
-    let again = c.submit(&["--tasks", "2", "--gpus", "4", "--", "true"]).expect("submit");
+    let again = c
+        .submit(&["--tasks", "2", "--gpus", "4", "--", "true"])
+        .expect("submit");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(c.show(again).expect("show")["state"], "pending");
-    c.ok(&["node", "resume", &node]).expect("resume clears the fault");
-    c.wait_state(again, "completed", T).expect("runs after resume");
+    c.ok(&["node", "resume", &node])
+        .expect("resume clears the fault");
+    c.wait_state(again, "completed", T)
+        .expect("runs after resume");
 }
 
 #[test]
@@ -230,7 +306,9 @@ fn an_agent_killed_with_kill_9_leaves_its_task_running_and_reports_its_exit() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(pid_alive(pids[0]), "the task outlives its agent");
     c.start_agent(0).expect("restart agent");
-    let job = c.wait_state(id, "failed", T).expect("failed with its own code");
+    let job = c
+        .wait_state(id, "failed", T)
+        .expect("failed with its own code");
     assert_eq!(job["tasks"][0]["exit_code"], 7, "{job}");
     assert_eq!(job["restart_count"], 0, "adopted, not restarted: {job}");
 }
@@ -249,11 +327,16 @@ fn beats(c: &Cluster, job: u64, node: &str) -> Vec<u128> {
 fn a_stalled_agent_is_fenced_before_its_job_runs_elsewhere() {
     let c = Cluster::start(ClusterSpec::default()).expect("cluster");
     let script = r#"while true; do date +%s%3N >> "$MUSTER_CHECKPOINT_DIR/beats.$MUSTER_NODE"; sleep 0.05; done"#;
-    let id = c.submit(&["--gpus", "4", "--", "sh", "-c", script]).expect("submit");
+    let id = c
+        .submit(&["--gpus", "4", "--", "sh", "-c", script])
+        .expect("submit");
     let job = c.wait_state(id, "running", T).expect("running");
     let first = job["tasks"][0]["node"].as_str().expect("node").to_string();
     let agent: usize = first.trim_start_matches("node-").parse().expect("index");
-    wait_for("beats", T, || (!beats(&c, id, &first).is_empty()).then_some(())).expect("beats");
+    wait_for("beats", T, || {
+        (!beats(&c, id, &first).is_empty()).then_some(())
+    })
+    .expect("beats");
     c.signal_agent(agent, Signal::SIGSTOP).expect("stop agent");
     let moved = wait_for("the job to run on the other node", T, || {
         let j = c.show(id).ok()?;
@@ -280,15 +363,23 @@ fn a_stalled_agent_is_fenced_before_its_job_runs_elsewhere() {
         last_old < first_new,
         "the stalled copy stopped ({last_old}) before the new one started ({first_new})"
     );
-    c.signal_agent(agent, Signal::SIGCONT).expect("resume agent");
+    c.signal_agent(agent, Signal::SIGCONT)
+        .expect("resume agent");
     // Back, the agent re-registers and kills its revoked, frozen copy.
     wait_for("the stale copy to be killed", T, || {
-        task_pids(&c, agent).iter().all(|p| !pid_alive(*p)).then_some(())
+        task_pids(&c, agent)
+            .iter()
+            .all(|p| !pid_alive(*p))
+            .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}; {}", c.log_tail()));
     let count = beats(&c, id, &first).len();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(beats(&c, id, &first).len(), count, "the stale copy never ran again");
+    assert_eq!(
+        beats(&c, id, &first).len(),
+        count,
+        "the stale copy never ran again"
+    );
     let v: Value = c.show(id).expect("show");
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["failures"], 0, "{v}");
@@ -303,13 +394,20 @@ fn task_logs_are_capped_and_rotated() {
     })
     .expect("cluster");
     // 200 lines of 100 bytes: 20,000 bytes written, at most 8,192 kept.
-    let script = r#"i=0; while [ $i -lt 200 ]; do printf 'line %04d %089d\n' $i 0; i=$((i+1)); done"#;
+    let script =
+        r#"i=0; while [ $i -lt 200 ]; do printf 'line %04d %089d\n' $i 0; i=$((i+1)); done"#;
     let id = c.submit(&["--", "sh", "-c", script]).expect("submit");
     c.wait_state(id, "completed", T).expect("completed");
     let out = c.ok(&["logs", &id.to_string(), "--stdout"]).expect("logs");
     assert!(out.len() <= 8192, "{} bytes kept", out.len());
-    assert!(out.ends_with(&format!("line 0199 {:089}\n", 0)), "the newest output is kept");
-    assert!(!out.contains("line 0000"), "the oldest output was rotated away");
+    assert!(
+        out.ends_with(&format!("line 0199 {:089}\n", 0)),
+        "the newest output is kept"
+    );
+    assert!(
+        !out.contains("line 0000"),
+        "the oldest output was rotated away"
+    );
     // Files rotate at a byte count, so the oldest kept line may be partial:
     // skip it; the rest is one contiguous run, oldest first.
     let numbers: Vec<u32> = out

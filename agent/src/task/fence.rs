@@ -102,7 +102,10 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        assert!(!check(&lease, &marker, pid, &[]), "no lease file: no fencing");
+        assert!(
+            !check(&lease, &marker, pid, &[]),
+            "no lease file: no fencing"
+        );
         write_deadline(&lease, now_ms() + 60_000).unwrap();
         assert!(!check(&lease, &marker, pid, &[]), "lease alive");
         write_deadline(&lease, now_ms() - 1).unwrap();

@@ -116,7 +116,10 @@ impl RotatingWriter {
 }
 
 fn open_append(p: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(p)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
 }
 
 #[cfg(test)]
@@ -132,7 +135,10 @@ mod tests {
             w.write_all(&[b'a' + i; 10]).unwrap();
         }
         let files = files_oldest_first(&live);
-        assert_eq!(files, vec![rotated(&live, 2), rotated(&live, 1), live.clone()]);
+        assert_eq!(
+            files,
+            vec![rotated(&live, 2), rotated(&live, 1), live.clone()]
+        );
         let all: Vec<u8> = files
             .iter()
             .flat_map(|f| std::fs::read(f).unwrap())

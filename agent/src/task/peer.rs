@@ -54,24 +54,23 @@ pub fn by_ancestry(proc: &Path, pid: u32, tasks: &[(u32, TaskKey)]) -> Option<Ta
 impl Runtime {
     /// The live task that process `pid` belongs to (see the module docs).
     pub fn task_of_pid(&self, pid: u32) -> Option<TaskKey> {
-        let (by_name, by_pid): (Vec<(String, TaskKey)>, Vec<(u32, TaskKey)>) = {
+        let mut by_name: Vec<(String, TaskKey)> = Vec::new();
+        let mut by_pid: Vec<(u32, TaskKey)> = Vec::new();
+        {
             let inner = self.lock();
             let live = inner
                 .tasks
                 .values()
                 .filter(|t| t.phase != crate::reconcile::Phase::Exited);
-            let mut names = Vec::new();
-            let mut pids = Vec::new();
             for t in live {
                 if let Some(c) = &t.meta.cgroup {
-                    names.push((c.clone(), t.meta.key));
+                    by_name.push((c.clone(), t.meta.key));
                 }
                 if let Some(p) = t.pid {
-                    pids.push((p, t.meta.key));
+                    by_pid.push((p, t.meta.key));
                 }
             }
-            (names, pids)
-        };
+        }
         let proc = Path::new("/proc");
         if let Ok(text) = std::fs::read_to_string(proc.join(pid.to_string()).join("cgroup")) {
             if let Some(k) = by_cgroup(&text, &by_name) {

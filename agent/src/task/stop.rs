@@ -33,9 +33,11 @@ impl Runtime {
         };
         let fenced = self.task_dir(key).join(fence::MARKER).exists();
         let sig = Signal::try_from(meta.stop_signal).unwrap_or(Signal::SIGTERM);
-        let grace = match meta.grace_ms {
+        // A scheduler that sends a stop policy always names the signal; an
+        // assignment without one (signal 0) gets the agent's own grace.
+        let grace = match meta.stop_signal {
             0 => self.settings.kill_grace,
-            ms => Duration::from_millis(ms),
+            _ => Duration::from_millis(meta.grace_ms),
         };
         let rt = self.clone();
         tokio::spawn(async move {

@@ -51,7 +51,12 @@ pub async fn drain(ctx: &Ctx, cmd: crate::args::NodeCommand) -> anyhow::Result<(
         return json::print(&json::Node::from(&node));
     }
     if drain {
-        println!("node {} {}: {}", node.name, node_state(&node), node.drain_reason);
+        println!(
+            "node {} {}: {}",
+            node.name,
+            node_state(&node),
+            node.drain_reason
+        );
     } else {
         println!("node {} resumed: {}", node.name, node_state(&node));
     }

@@ -33,7 +33,11 @@ fn a_failed_task_restarts_the_gang_until_restarts_run_out() {
     w.schedule();
     w.start_all(j);
     w.exit(j, 0, 3);
-    assert_eq!(w.state(j), JobState::Requeued, "task 1 is still being stopped");
+    assert_eq!(
+        w.state(j),
+        JobState::Requeued,
+        "task 1 is still being stopped"
+    );
     assert!(w.s.jobs[&j].reason.contains("exit code 3; restart 1 of 1"));
     assert_eq!(w.s.jobs[&j].failures, 1);
     assert_eq!(w.s.jobs[&j].restart_count, 0);
@@ -63,7 +67,11 @@ fn a_gpu_fault_requeues_its_job_onto_healthy_gpus_and_outlives_reregistration() 
     });
     assert_eq!(r, ApplyResult::Applied);
     assert_eq!(w.state(j), JobState::Requeued);
-    assert!(w.s.jobs[&j].reason.contains("not counted"), "{}", w.s.jobs[&j].reason);
+    assert!(
+        w.s.jobs[&j].reason.contains("not counted"),
+        "{}",
+        w.s.jobs[&j].reason
+    );
     w.exit(j, 0, 137);
     assert_eq!(w.state(j), JobState::Pending);
     assert_eq!(w.s.jobs[&j].failures, 0);
@@ -102,7 +110,10 @@ fn a_gpu_fault_drains_the_node_when_the_policy_says_so() {
     );
     let j = w.submit(1, 1);
     w.schedule();
-    assert_eq!(w.s.jobs[&j].alloc.as_ref().unwrap().tasks[0].placement.node, "b");
+    assert_eq!(
+        w.s.jobs[&j].alloc.as_ref().unwrap().tasks[0].placement.node,
+        "b"
+    );
 }
 
 #[test]
@@ -127,7 +138,10 @@ fn a_drained_node_keeps_its_work_takes_none_and_refuses_a_stale_plan() {
     }) {
         ApplyResult::Planned { placed, rejected } => {
             assert!(placed.is_empty());
-            assert!(rejected[0].1.contains("draining (maintenance)"), "{rejected:?}");
+            assert!(
+                rejected[0].1.contains("draining (maintenance)"),
+                "{rejected:?}"
+            );
         }
         o => panic!("{o:?}"),
     }
@@ -213,7 +227,11 @@ fn the_victim_is_the_job_that_loses_least_work_since_its_checkpoint() {
     let j = &w.s.jobs[&checkpointed];
     assert_eq!(j.restart_count, 1);
     assert_eq!(j.failures, 0);
-    assert_eq!(j.last_checkpoint.as_ref().unwrap().step, Some(100), "kept for the restart");
+    assert_eq!(
+        j.last_checkpoint.as_ref().unwrap().step,
+        Some(100),
+        "kept for the restart"
+    );
 }
 
 #[test]
@@ -229,7 +247,10 @@ fn stop_signals_that_cannot_be_caught_are_refused() {
             user: "alice".into(),
             at_ms: w.now,
         });
-        assert!(matches!(&r, ApplyResult::Rejected(m) if m.starts_with("signal")), "{sig}: {r:?}");
+        assert!(
+            matches!(&r, ApplyResult::Rejected(m) if m.starts_with("signal")),
+            "{sig}: {r:?}"
+        );
     }
     assert_eq!(w.s.digest(), before, "a rejected submit changes nothing");
 }

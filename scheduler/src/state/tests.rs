@@ -1,7 +1,7 @@
 //! Scenario tests of `apply`: each reads as a short story of commands.
 
 use super::*;
-use crate::model::{JobState, NodeState, Resources, TaskState};
+use crate::model::{JobState, NodeState, Resources};
 use crate::planner;
 
 pub(crate) fn node(name: &str, gpus: u32) -> NodeRegistration {
