@@ -20,6 +20,12 @@
 //!     One array submission of N jobs into its own 3-scheduler cluster, timed
 //!     from the RPC to its acknowledgement: jobs per second.
 //!
+//!   muster-bench preempt [--runs 10]
+//!     Starts 1 scheduler and 2 agents x 8 GPUs; each run fills all 16 GPUs
+//!     with a low-priority 2x8 gang whose tasks exit at once on SIGTERM, then
+//!     submits a high-priority 2x8 gang and times from that Submit RPC until
+//!     every task of the new gang is reported running.
+//!
 //!   muster-bench submit [--addr URL] [--jobs 1000]
 //!     Sequential Submit RPCs on one connection (no process start per job):
 //!     the server side of `muster submit`. Jobs ask for 16 GPUs and queue.
@@ -53,8 +59,11 @@ async fn main() -> anyhow::Result<()> {
         Some("concurrent") => concurrent(&args).await,
         Some("failover") => failover(&args).await,
         Some("array") => array(&args).await,
+        Some("preempt") => preempt(&args).await,
         _ => {
-            eprintln!("usage: muster-bench latency|submit|concurrent|failover [options]");
+            eprintln!(
+                "usage: muster-bench latency|submit|concurrent|failover|array|preempt [options]"
+            );
             std::process::exit(2);
         }
     }
@@ -187,6 +196,113 @@ async fn failover(args: &[String]) -> anyhow::Result<()> {
     samples.sort_by(|a, b| a.total_cmp(b));
     println!(
         "{{\"bench\":\"failover\",\"runs\":{runs},\"median_ms\":{:.0},\"min_ms\":{:.0},\"max_ms\":{:.0}}}",
+        percentile(&samples, 50.0),
+        samples[0],
+        samples[samples.len() - 1]
+    );
+    Ok(())
+}
+
+fn gang_spec(priority: &str) -> JobSpec {
+    JobSpec {
+        name: format!("bench-{priority}"),
+        tasks: 2,
+        gpus_per_task: 8,
+        cpu_millis_per_task: 100,
+        memory_bytes_per_task: 64 << 20,
+        // `sleep` dies at once on SIGTERM: the victim exits on its signal.
+        command: vec!["sleep".into(), "600".into()],
+        workdir: "/".into(),
+        priority: priority.into(),
+        ..Default::default()
+    }
+}
+
+/// Wait until every task of `id` is reported running.
+async fn all_running(
+    client: &mut MusterClient<tonic::transport::Channel>,
+    id: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = client.get_job(GetJobRequest { id }).await?.into_inner();
+        let running = !job.tasks.is_empty()
+            && job
+                .tasks
+                .iter()
+                .all(|t| t.state == muster_proto::TaskState::TaskRunning as i32);
+        if running {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("job {id} did not run within 60 s: {job:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn preempt(args: &[String]) -> anyhow::Result<()> {
+    let runs: usize = arg(args, "--runs", "10").parse()?;
+    let c = muster_tests::Cluster::start(muster_tests::ClusterSpec {
+        agents: 2,
+        gpus_per_agent: 8,
+        cgroups: false,
+        scheduler_toml: "[scheduling]\nmin_runtime = \"0s\"\n",
+        ..Default::default()
+    })?;
+    let user = user()?;
+    let mut client = MusterClient::connect(c.sched_addrs[0].clone()).await?;
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        let submit = |priority: &str| SubmitRequest {
+            spec: Some(gang_spec(priority)),
+            user: user.clone(),
+            request_id: String::new(),
+            array: 0,
+        };
+        let low = client.submit(submit("low")).await?.into_inner().id;
+        all_running(&mut client, low).await?;
+        let t0 = Instant::now();
+        let high = client.submit(submit("high")).await?.into_inner().id;
+        all_running(&mut client, high).await?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("run {run}: job {low} preempted, job {high} running after {ms:.1} ms");
+        samples.push(ms);
+        for id in [low, high] {
+            let _ = client
+                .cancel(muster_proto::CancelRequest {
+                    id,
+                    user: user.clone(),
+                })
+                .await;
+        }
+        // The next run starts on an idle cluster.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = client
+                .status(muster_proto::StatusRequest {})
+                .await?
+                .into_inner();
+            let nodes = client
+                .list_nodes(muster_proto::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            let busy = nodes
+                .iter()
+                .any(|n| n.gpus.iter().any(|g| g.allocated_to != 0));
+            if s.jobs_running == 0 && !busy {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the cluster did not become idle");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{{\"bench\":\"preempt_to_running\",\"runs\":{runs},\"gpus\":16,\"median_ms\":{:.1},\"min_ms\":{:.1},\"max_ms\":{:.1}}}",
         percentile(&samples, 50.0),
         samples[0],
         samples[samples.len() - 1]
