@@ -4,8 +4,14 @@
 //! Each task has a folder `<data_dir>/tasks/<job>.<task>.<alloc>/` with:
 //! `task.json` (what the agent needs to re-adopt it), `shim.json` (what the
 //! shim runs), `pid` (written by the shim once the task runs) and `exit.json`
-//! (written by the shim when it ends). Logs go to
-//! `<data_dir>/logs/<job>/<task>.stdout|stderr` and outlive the folder.
+//! (written by the shim when it ends), and `fenced` while the shim holds the
+//! task frozen for want of a lease ([`fence`]). Logs go through the shim to
+//! `<data_dir>/logs/<job>/<task>.stdout|stderr`, capped and rotated
+//! ([`logs`]), and outlive the folder.
+//!
+//! Stopping a task (the job's signal, its grace, SIGKILL; cut short by a
+//! checkpoint report or by fencing) lives in `stop.rs`; telling which task a
+//! local process belongs to, for the task socket, in [`peer`].
 //!
 //! [`Runtime`] holds the observed tasks and the latest desired set, runs
 //! [`crate::reconcile::reconcile`] whenever either changes, and carries out its

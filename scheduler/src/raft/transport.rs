@@ -27,6 +27,12 @@ pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 const QUEUE: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF: Duration = Duration::from_millis(100);
+/// HTTP/2 pings find a connection that died without a FIN or RST (a cut
+/// link, a peer frozen mid-write) instead of waiting on it forever.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A stream that takes no message for this long is replaced.
+const STALL: Duration = Duration::from_secs(2);
 
 /// What the transport tells the Raft driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +160,9 @@ pub async fn connect(addr: &str) -> Result<PeerClient, String> {
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -232,8 +241,10 @@ impl Peer {
                 self.snapshot(client, &m).await;
                 continue;
             }
-            if tx.send(envelope(self.from, &m)).await.is_err() {
-                return Err("stream closed".into());
+            match tokio::time::timeout(STALL, tx.send(envelope(self.from, &m))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("stream closed".into()),
+                Err(_) => return Err(format!("stream stalled for {STALL:?}; reconnecting")),
             }
         }
     }
