@@ -98,7 +98,7 @@ impl Runtime {
     /// A task reported a finished checkpoint: tell the scheduler, and end a
     /// stop that waits for one.
     pub fn checkpoint(&self, key: TaskKey, step: Option<u64>) -> Result<(), String> {
-        {
+        let started = {
             let inner = self.lock();
             let t = inner
                 .tasks
@@ -108,6 +108,14 @@ impl Runtime {
                 return Err(format!("task {key} has exited"));
             }
             t.checkpointed.notify_waiters();
+            t.pid.is_some()
+        };
+        if !started {
+            // A task can report before the supervisor's poll saw it start:
+            // the scheduler must hear of the start first.
+            if let Some(pid) = super::read_pid(&self.task_dir(key).join("pid")) {
+                self.mark_started(key, pid);
+            }
         }
         tracing::info!(task = %key, ?step, "checkpoint reported");
         self.events

@@ -12,7 +12,7 @@
 //! raised and the same checkpoint directory.
 
 use super::{ApplyResult, State, TaskKey};
-use crate::model::{Checkpoint, JobId, JobState, TaskState};
+use crate::model::{Checkpoint, JobId, JobState};
 
 impl State {
     /// Send a live job back through `Requeued` to the queue.
@@ -51,7 +51,9 @@ impl State {
                 key.job, key.task, key.alloc
             ));
         };
-        if task.state != TaskState::Running {
+        // Assigned too: the report may overtake the start on its way here;
+        // the agent vouches that the task runs.
+        if !task.state.holds_resources() {
             return ApplyResult::Rejected(format!(
                 "job {}: task {} is not running",
                 key.job, key.task
