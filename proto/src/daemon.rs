@@ -17,6 +17,15 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// Milliseconds since the Unix epoch: the wall clock both daemons stamp
+/// (the scheduler into commands, the agent into its lease file).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Read `path` as TOML into `T`, then run `validate`; every failure names the
 /// file (and, from toml or `validate`, the key).
 pub fn load_toml<T: DeserializeOwned>(

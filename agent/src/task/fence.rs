@@ -28,13 +28,7 @@ use std::path::{Path, PathBuf};
 /// The marker a shim leaves in its task folder when it froze the task.
 pub const MARKER: &str = "fenced";
 
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use muster_proto::daemon::now_ms;
 
 /// The deadline in a lease file, if there is a readable one.
 pub fn read_deadline(lease: &Path) -> Option<i64> {

@@ -91,9 +91,4 @@ impl Ctx {
 pub const STALE_READ_HEADER: &str = "muster-read";
 
 /// Milliseconds since the Unix epoch (stamped into commands by the leader).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use muster_proto::daemon::now_ms;

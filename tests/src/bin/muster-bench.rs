@@ -42,6 +42,14 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+/// Sort the samples; their median, minimum and maximum.
+fn spread(samples: &mut [f64]) -> (f64, f64, f64) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let last = samples.last().copied().unwrap_or(f64::NAN);
+    let first = samples.first().copied().unwrap_or(f64::NAN);
+    (percentile(samples, 50.0), first, last)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -193,12 +201,9 @@ async fn failover(args: &[String]) -> anyhow::Result<()> {
         c.start_scheduler_node(leader)?;
         c.wait_converged(Duration::from_secs(30))?;
     }
-    samples.sort_by(|a, b| a.total_cmp(b));
+    let (median, min, max) = spread(&mut samples);
     println!(
-        "{{\"bench\":\"failover\",\"runs\":{runs},\"median_ms\":{:.0},\"min_ms\":{:.0},\"max_ms\":{:.0}}}",
-        percentile(&samples, 50.0),
-        samples[0],
-        samples[samples.len() - 1]
+        "{{\"bench\":\"failover\",\"runs\":{runs},\"median_ms\":{median:.0},\"min_ms\":{min:.0},\"max_ms\":{max:.0}}}"
     );
     Ok(())
 }
@@ -300,12 +305,9 @@ async fn preempt(args: &[String]) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    samples.sort_by(|a, b| a.total_cmp(b));
+    let (median, min, max) = spread(&mut samples);
     println!(
-        "{{\"bench\":\"preempt_to_running\",\"runs\":{runs},\"gpus\":16,\"median_ms\":{:.1},\"min_ms\":{:.1},\"max_ms\":{:.1}}}",
-        percentile(&samples, 50.0),
-        samples[0],
-        samples[samples.len() - 1]
+        "{{\"bench\":\"preempt_to_running\",\"runs\":{runs},\"gpus\":16,\"median_ms\":{median:.1},\"min_ms\":{min:.1},\"max_ms\":{max:.1}}}"
     );
     Ok(())
 }
