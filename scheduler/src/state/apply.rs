@@ -81,6 +81,20 @@ impl State {
             Command::TaskStarted { key, at_ms } => self.task_started(*key, *at_ms),
             Command::TaskExited { key, exit, at_ms } => self.task_exited(*key, exit, *at_ms),
             Command::TimeOut { job, at_ms } => self.time_out(*job, *at_ms),
+            Command::Authorized { who, at_ms, cmd } => self.apply_authorized(who, *at_ms, cmd),
+            Command::Audit { entries } => {
+                for e in entries {
+                    self.record(e.clone());
+                }
+                ApplyResult::Applied
+            }
+            Command::IssueToken { token } => self.issue_token(token),
+            Command::RevokeToken { id } => self.revoke_token(id),
+            Command::SetTenantAdmins {
+                tenant,
+                add,
+                remove,
+            } => self.set_tenant_admins(tenant, add, remove),
         }
     }
 

@@ -1,0 +1,242 @@
+//! Authentication, roles and the audit trail.
+//!
+//! No request is taken at its word. Every RPC first finds out who is
+//! calling ([`Auth::authenticate`]), in this order:
+//!
+//! 1. a bearer token (`authorization: Bearer mst_...` metadata), looked up
+//!    by id in the replicated state and compared by SHA-256 hash in constant
+//!    time ([`token`]); a forged, expired or revoked token is refused, not
+//!    ignored;
+//! 2. a client certificate signed by the cluster CA whose common name is
+//!    `user:NAME` (mutual TLS, see `muster_proto::tls`);
+//! 3. on the scheduler's own host, the uid that owns the caller's loopback
+//!    socket ([`peer_uid`]): root there is a cluster admin, which is how
+//!    `muster dev`, bootstrapping the first token and a sysadmin's shell work.
+//!
+//! Agents and peer schedulers are daemons, not users: with TLS they must
+//! present an `agent:NAME` / `node:NAME` certificate; without TLS only a
+//! loopback caller running as root or as this scheduler's own uid is
+//! accepted, unless the configuration says `insecure = true`.
+//!
+//! What a principal may do is [`roles::check`], a pure function of the
+//! state, run here before proposing and again in `apply`. A job's user is
+//! always the authenticated name; a `user` field in a request is ignored.
+//!
+//! Every state-changing request leaves an audit entry in the replicated
+//! log: requests that reach the log record their outcome when applied
+//! (`Command::Authorized`); requests refused before (unauthenticated,
+//! denied here, rate-limited) are queued and written in batches by
+//! [`audit_loop`] (best effort: a flood beyond the queue is only logged).
+
+pub mod peer_uid;
+pub mod rate;
+pub mod roles;
+pub mod token;
+
+use crate::state::{AuditEntry, Principal, State};
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+use tonic::{Request, Status};
+
+/// Denied and unauthenticated requests queued for the audit trail.
+const AUDIT_QUEUE: usize = 4096;
+/// Entries written in one log entry.
+const AUDIT_BATCH: usize = 256;
+
+/// Which kind of daemon a certificate must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    Agent,
+    Node,
+}
+
+impl Daemon {
+    fn prefix(self) -> &'static str {
+        match self {
+            Daemon::Agent => "agent:",
+            Daemon::Node => "node:",
+        }
+    }
+}
+
+/// What the services need to authenticate callers.
+pub struct Auth {
+    cluster_admins: BTreeSet<String>,
+    tls: bool,
+    insecure: bool,
+    own_uid: u32,
+    audit_tx: mpsc::Sender<AuditEntry>,
+    audit_rx: Mutex<Option<mpsc::Receiver<AuditEntry>>>,
+    limiter: Mutex<rate::RateLimiter>,
+}
+
+impl Auth {
+    /// From the scheduler's configuration.
+    pub fn new(cfg: &crate::config::SchedulerConfig) -> Auth {
+        let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+        Auth {
+            cluster_admins: cfg.cluster_admins.iter().cloned().collect(),
+            tls: cfg.tls.is_some(),
+            insecure: cfg.insecure,
+            own_uid: nix::unistd::Uid::effective().as_raw(),
+            audit_tx,
+            audit_rx: Mutex::new(Some(audit_rx)),
+            limiter: Mutex::new(rate::RateLimiter::new(
+                cfg.limits.submits_per_second,
+                cfg.limits.submit_burst,
+            )),
+        }
+    }
+
+    fn principal(&self, name: String, via: String, from: String) -> Principal {
+        Principal {
+            cluster_admin: name == "root" || self.cluster_admins.contains(&name),
+            name,
+            via,
+            from,
+        }
+    }
+
+    /// Who is calling, or `Unauthenticated` (and an audit entry) for `action`.
+    pub fn authenticate<T>(
+        &self,
+        state: &State,
+        req: &Request<T>,
+        action: &str,
+    ) -> Result<Principal, Status> {
+        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        match self.identify(state, req, from.clone()) {
+            Ok(p) => Ok(p),
+            Err(why) => {
+                self.audit(AuditEntry {
+                    at_ms: crate::api::now_ms(),
+                    who: "?".into(),
+                    via: "none".into(),
+                    from,
+                    action: action.to_string(),
+                    target: String::new(),
+                    outcome: format!("unauthenticated: {why}"),
+                });
+                Err(Status::unauthenticated(why))
+            }
+        }
+    }
+
+    fn identify<T>(&self, state: &State, req: &Request<T>, from: String) -> Result<Principal, String> {
+        if let Some(v) = req.metadata().get("authorization") {
+            let v = v.to_str().map_err(|_| "invalid token: not text".to_string())?;
+            let t = v.strip_prefix("Bearer ").unwrap_or(v).trim();
+            let rec = token::verify(state, t, crate::api::now_ms())?;
+            return Ok(self.principal(rec.user.clone(), format!("token {}", rec.id), from));
+        }
+        if let Some(cn) = peer_cn(req) {
+            if let Some(user) = cn.strip_prefix("user:") {
+                return Ok(self.principal(user.to_string(), format!("cert {cn}"), from));
+            }
+        }
+        if let (Some(peer), Some(local)) = (req.remote_addr(), req.local_addr()) {
+            if let Some(uid) = peer_uid::uid_of(peer, local) {
+                let name = nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| format!("uid:{uid}"), |u| u.name);
+                return Ok(self.principal(name, format!("peer uid {uid}"), from));
+            }
+        }
+        Err("no credentials: present a token (muster --token-file FILE; an admin issues one \
+             with 'muster admin token issue') or a client certificate"
+            .to_string())
+    }
+
+    /// Check that a daemon of `kind` is calling; returns its name (`agent:NAME`).
+    pub fn daemon<T>(&self, req: &Request<T>, kind: Daemon) -> Result<String, Status> {
+        if self.tls {
+            return match peer_cn(req) {
+                Some(cn) if cn.starts_with(kind.prefix()) => Ok(cn),
+                other => Err(Status::permission_denied(format!(
+                    "permission denied: this scheduler needs a certificate {}NAME signed by the \
+                     cluster CA (muster admin cert issue --{} NAME); got {}",
+                    kind.prefix(),
+                    kind.prefix().trim_end_matches(':'),
+                    other.map_or("none".to_string(), |cn| format!("CN {cn}"))
+                ))),
+            };
+        }
+        if self.insecure {
+            return Ok(format!("{}insecure", kind.prefix()));
+        }
+        let uid = match (req.remote_addr(), req.local_addr()) {
+            (Some(p), Some(l)) => peer_uid::uid_of(p, l),
+            _ => None,
+        };
+        match uid {
+            Some(u) if u == 0 || u == self.own_uid => Ok(format!("{}uid-{u}", kind.prefix())),
+            _ => Err(Status::permission_denied(
+                "permission denied: without TLS only a local daemon running as root or as \
+                 the scheduler's user may connect here (configure [tls], or insecure = true)",
+            )),
+        }
+    }
+
+    /// Take a submission token for `who`, or a `ResourceExhausted` that says when to retry.
+    pub fn rate_limit(&self, who: &Principal) -> Result<(), Status> {
+        let mut l = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        l.take(&who.name, std::time::Instant::now())
+            .map_err(|wait| Status::resource_exhausted(l.message(&who.name, wait)))
+    }
+
+    /// Queue an entry for the audit trail (dropped, with a warning, if the queue is full).
+    pub fn audit(&self, e: AuditEntry) {
+        if let Err(e) = self.audit_tx.try_send(e) {
+            tracing::warn!(entry = ?e, "audit queue full; entry only logged here");
+        }
+    }
+
+    /// The queue's receiving end (once, for [`audit_loop`]).
+    pub fn take_audit_queue(&self) -> Option<mpsc::Receiver<AuditEntry>> {
+        self.audit_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// The common name of the caller's TLS certificate.
+fn peer_cn<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    muster_proto::tls::common_name(certs.first()?.as_ref())
+}
+
+/// Write queued audit entries through Raft in batches until `stop`.
+pub async fn audit_loop(
+    ctx: std::sync::Arc<crate::api::Ctx>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(mut rx) = ctx.auth.take_audit_queue() else {
+        return;
+    };
+    loop {
+        let first = tokio::select! {
+            e = rx.recv() => match e { Some(e) => e, None => return },
+            _ = stop.changed() => return,
+        };
+        let mut entries = vec![first];
+        while entries.len() < AUDIT_BATCH {
+            match rx.try_recv() {
+                Ok(e) => entries.push(e),
+                Err(_) => break,
+            }
+        }
+        let cmd = crate::state::Command::Audit { entries };
+        if let Err(e) = ctx.raft.propose(cmd).await {
+            tracing::warn!(error = %e, "could not write audit entries");
+        }
+    }
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, seconds).
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
