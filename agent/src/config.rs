@@ -98,6 +98,13 @@ pub struct AgentConfig {
     /// The program run as each task's supervisor; defaults to this executable.
     #[serde(default)]
     pub shim_path: Option<PathBuf>,
+    /// Mutual TLS to the schedulers and for the local (logs) service:
+    /// `[tls] ca, cert, key` (an `agent:NAME` certificate).
+    #[serde(default)]
+    pub tls: Option<muster_proto::tls::TlsFiles>,
+    /// Serve the local service without TLS on a non-loopback address.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl Default for AgentConfig {
@@ -118,6 +125,8 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             gpu: default_gpu(),
             shim_path: None,
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -151,6 +160,17 @@ impl AgentConfig {
         }
         if self.memory_bytes == Some(0) {
             return Err("key `memory_bytes`: must be greater than 0".into());
+        }
+        match &self.tls {
+            Some(tls) => tls.check()?,
+            None if !self.insecure && !muster_proto::tls::is_loopback(&self.listen) => {
+                return Err(format!(
+                    "key `listen`: {} is not a loopback address; serving it without TLS needs a \
+                     [tls] table (see 'muster admin cert issue --agent') or insecure = true",
+                    self.listen
+                ))
+            }
+            None => {}
         }
         Ok(())
     }

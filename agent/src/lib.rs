@@ -46,6 +46,8 @@ pub enum AgentError {
     Shim(std::io::Error),
     #[error("local service: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] muster_proto::tls::TlsError),
 }
 
 /// Open the cgroup manager the configuration asks for.
@@ -90,6 +92,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send,
 ) -> Result<(), AgentError> {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        // One identity for the scheduler sessions and the local service.
+        muster_proto::tls::install_client(tls.client()?);
+        server = server.tls_config(tls.server()?)?;
+    }
     let inventory = gpu::open(&cfg.gpu)?;
     let gpus = gpus_to_pb(inventory.gpus()?);
     tracing::info!(
@@ -147,7 +155,7 @@ pub async fn run(
     let local = muster_proto::agent_local_server::AgentLocalServer::new(local::LocalService::new(
         runtime.clone(),
     ));
-    let result = tonic::transport::Server::builder()
+    let result = server
         .add_service(local)
         .serve_with_incoming_shutdown(muster_proto::daemon::nodelay(listener), shutdown)
         .await;

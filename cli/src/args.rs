@@ -52,6 +52,18 @@ pub struct GlobalArgs {
     /// linearizable by default)
     #[arg(long, global = true, help_heading = "Global options")]
     pub stale: bool,
+
+    /// File with your token (mode 0600) [default: `token_file` in the config
+    /// file, then ~/.config/muster/token if it exists; without one, the
+    /// scheduler identifies local callers by their uid]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "MUSTER_TOKEN_FILE",
+        help_heading = "Global options"
+    )]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +92,8 @@ pub enum Command {
     Admin(AdminCommand),
     /// Run a one-machine cluster (scheduler and agent) for trying Muster out
     Dev(DevArgs),
+    /// Say who the scheduler takes you to be, and your roles
+    Whoami,
 }
 
 const SUBMIT_EXAMPLES: &str = "\
@@ -240,6 +254,17 @@ pub enum AdminCommand {
     /// Scheduler membership (joint consensus through the Raft log)
     #[command(subcommand)]
     Peers(PeersCommand),
+    /// The cluster's certificate authority (mutual TLS)
+    #[command(subcommand)]
+    Ca(crate::security_args::CaCommand),
+    /// Certificates for schedulers, agents and users
+    #[command(subcommand)]
+    Cert(crate::security_args::CertCommand),
+    /// Users' tokens: issue, list, revoke (cluster admins)
+    #[command(subcommand)]
+    Token(crate::security_args::TokenCommand),
+    /// Read the audit trail: who changed what, when, from where (cluster admins)
+    Audit(crate::security_args::AuditArgs),
 }
 
 /// `muster admin peers ...`.

@@ -40,6 +40,10 @@ pub enum ConfigError {
 pub struct ConfigFile {
     /// Scheduler address, `http://host:port` or `host:port`.
     pub addr: Option<String>,
+    /// File holding this user's token (mode 0600).
+    pub token_file: Option<PathBuf>,
+    /// Mutual TLS: `[tls] ca, cert, key` (a `user:NAME` certificate).
+    pub tls: Option<muster_proto::tls::TlsFiles>,
 }
 
 /// The config files to try, in order, when `--config` is not given.
@@ -79,6 +83,43 @@ pub fn load_config(path: &Path) -> Result<ConfigFile, ConfigError> {
         reason: e.to_string(),
     })?;
     parse_config(&shown, &text)
+}
+
+/// The first config file that exists: `explicit` if given (it must exist),
+/// else the default paths; with its path.
+pub fn config_from_files(
+    explicit: Option<&Path>,
+    defaults: &[PathBuf],
+) -> Result<Option<(ConfigFile, PathBuf)>, ConfigError> {
+    let path = match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => defaults.iter().find(|p| p.is_file()).cloned(),
+    };
+    let Some(path) = path else { return Ok(None) };
+    Ok(Some((load_config(&path)?, path)))
+}
+
+/// Read a token file, refusing one that group or others may read.
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "token file {} has mode {mode:04o}: group or others may read it; \
+             run 'chmod 600 {}'",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(token)
 }
 
 /// The address from the first config file that exists: `explicit` if given
@@ -190,6 +231,19 @@ mod tests {
     fn empty_env_counts_as_unset() {
         let r = resolve_addr(None, Some(""), config_says("c:3"));
         assert_eq!(r, Ok("http://c:3".to_string()));
+    }
+
+    #[test]
+    fn token_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "mst_x\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_token_file(&p).unwrap_err();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "mst_x");
     }
 
     #[test]

@@ -166,6 +166,8 @@ pub struct Tenant {
     pub fair_share_usage: f64,
     pub jobs_pending: u32,
     pub jobs_running: u32,
+    /// Tenant admins of this tenant (rights over its subtree).
+    pub admins: Vec<String>,
 }
 
 /// A chunk of `muster logs --json`, one JSON object per line.
@@ -318,6 +320,7 @@ impl From<&TenantInfo> for Tenant {
             fair_share_usage: t.fair_share_usage,
             jobs_pending: t.jobs_pending,
             jobs_running: t.jobs_running,
+            admins: t.admins.clone(),
         }
     }
 }

@@ -172,7 +172,10 @@ mod tests {
         assert!(tlv(&[0x30]).is_none());
         assert!(tlv(&[0x30, 0x05, 1, 2]).is_none());
         assert!(tlv(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_none());
-        assert_eq!(tlv(&[0x04, 0x01, 7, 9]), Some((0x04, &[7u8][..], &[9u8][..])));
+        assert_eq!(
+            tlv(&[0x04, 0x01, 7, 9]),
+            Some((0x04, &[7u8][..], &[9u8][..]))
+        );
     }
 
     #[test]

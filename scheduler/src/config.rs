@@ -298,7 +298,10 @@ mod tests {
         let e = SchedulerConfig::parse("listen = \"0.0.0.0:7470\"\n", p)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("key `listen`") && e.contains("insecure = true"), "{e}");
+        assert!(
+            e.contains("key `listen`") && e.contains("insecure = true"),
+            "{e}"
+        );
         SchedulerConfig::parse("listen = \"0.0.0.0:7470\"\ninsecure = true\n", p).unwrap();
         SchedulerConfig::parse("listen = \"127.0.0.1:7470\"\n", p).unwrap();
         let e = SchedulerConfig::parse(

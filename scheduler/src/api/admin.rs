@@ -50,7 +50,12 @@ impl Admin for AdminService {
         req: Request<pb::AdminStatusRequest>,
     ) -> Result<Response<pb::AdminStatusResponse>, Status> {
         // Members probe each other with this call: daemons are welcome too.
-        if self.ctx.auth.daemon(&req, crate::auth::Daemon::Node).is_err() {
+        if self
+            .ctx
+            .auth
+            .daemon(&req, crate::auth::Daemon::Node)
+            .is_err()
+        {
             self.ctx.authenticate(&req, "admin-status")?;
         }
         let st = self.ctx.raft.status().borrow().clone();

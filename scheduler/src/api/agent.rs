@@ -111,7 +111,12 @@ fn check_agent(
     };
     ctx.auth.audit(crate::state::AuditEntry {
         at_ms: now_ms(),
-        via: if ctx.cfg.tls.is_some() { "cert" } else { "local daemon" }.to_string(),
+        via: if ctx.cfg.tls.is_some() {
+            "cert"
+        } else {
+            "local daemon"
+        }
+        .to_string(),
         who,
         from,
         action: "register-node".into(),

@@ -86,15 +86,26 @@ mod tests {
         }
     }
 
+    type Change = Box<dyn Fn(&mut pb::JobSpec)>;
+
     #[test]
     fn each_limit_names_its_field() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::JobSpec)>, &str)> = vec![
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.name = "n".repeat(MAX_NAME + 1)), "name:"),
             (Box::new(|s| s.tenant = "t".repeat(MAX_NAME + 1)), "tenant:"),
-            (Box::new(|s| s.workdir = "/".repeat(MAX_PATH + 1)), "workdir:"),
+            (
+                Box::new(|s| s.workdir = "/".repeat(MAX_PATH + 1)),
+                "workdir:",
+            ),
             (Box::new(|s| s.tasks = MAX_TASKS + 1), "tasks:"),
-            (Box::new(|s| s.command = vec!["a".into(); MAX_ARGS + 1]), "command:"),
-            (Box::new(|s| s.command = vec!["a".repeat(MAX_ARG_LEN + 1)]), "command[0]"),
+            (
+                Box::new(|s| s.command = vec!["a".into(); MAX_ARGS + 1]),
+                "command:",
+            ),
+            (
+                Box::new(|s| s.command = vec!["a".repeat(MAX_ARG_LEN + 1)]),
+                "command[0]",
+            ),
             (Box::new(|s| s.command = vec!["a\0b".into()]), "NUL"),
             (
                 Box::new(|s| {

@@ -36,10 +36,7 @@ impl PeerService {
 
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
         match &self.ctx {
-            Some(ctx) => ctx
-                .auth
-                .daemon(req, crate::auth::Daemon::Node)
-                .map(|_| ()),
+            Some(ctx) => ctx.auth.daemon(req, crate::auth::Daemon::Node).map(|_| ()),
             None => Ok(()),
         }
     }

@@ -55,7 +55,8 @@ impl Security for SecurityService {
         let (id, secret) = token::generate()
             .map_err(|e| Status::internal(format!("cannot read /dev/urandom: {e}")))?;
         let at = now_ms();
-        let expires_at_ms = (req.expires_in_secs > 0).then(|| at + req.expires_in_secs as i64 * 1000);
+        let expires_at_ms =
+            (req.expires_in_secs > 0).then(|| at + req.expires_in_secs as i64 * 1000);
         let record = TokenRecord {
             id: id.clone(),
             user: req.user.clone(),

@@ -28,6 +28,9 @@
 //! denied here, rate-limited) are queued and written in batches by
 //! [`audit_loop`] (best effort: a flood beyond the queue is only logged).
 
+// Services return tonic's `Status`; boxing it here would only be undone there.
+#![allow(clippy::result_large_err)]
+
 pub mod peer_uid;
 pub mod rate;
 pub mod roles;
@@ -123,9 +126,16 @@ impl Auth {
         }
     }
 
-    fn identify<T>(&self, state: &State, req: &Request<T>, from: String) -> Result<Principal, String> {
+    fn identify<T>(
+        &self,
+        state: &State,
+        req: &Request<T>,
+        from: String,
+    ) -> Result<Principal, String> {
         if let Some(v) = req.metadata().get("authorization") {
-            let v = v.to_str().map_err(|_| "invalid token: not text".to_string())?;
+            let v = v
+                .to_str()
+                .map_err(|_| "invalid token: not text".to_string())?;
             let t = v.strip_prefix("Bearer ").unwrap_or(v).trim();
             let rec = token::verify(state, t, crate::api::now_ms())?;
             return Ok(self.principal(rec.user.clone(), format!("token {}", rec.id), from));
@@ -144,9 +154,11 @@ impl Auth {
                 return Ok(self.principal(name, format!("peer uid {uid}"), from));
             }
         }
-        Err("no credentials: present a token (muster --token-file FILE; an admin issues one \
+        Err(
+            "no credentials: present a token (muster --token-file FILE; an admin issues one \
              with 'muster admin token issue') or a client certificate"
-            .to_string())
+                .to_string(),
+        )
     }
 
     /// Check that a daemon of `kind` is calling; returns its name (`agent:NAME`).

@@ -87,6 +87,8 @@ mod tests {
             assert!(r.take("alice", t2).is_ok());
         }
         assert!(r.take("alice", t2).is_err());
-        assert!(r.message("alice", wait).contains("at most 2 request(s) per second"));
+        assert!(r
+            .message("alice", wait)
+            .contains("at most 2 request(s) per second"));
     }
 }

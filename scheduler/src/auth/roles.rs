@@ -26,7 +26,9 @@ pub fn check_user_name(name: &str) -> Result<(), String> {
         return Err(format!("user name must be 1-{MAX_USER_LEN} characters"));
     }
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("user name {name:?} has a space or control character"));
+        return Err(format!(
+            "user name {name:?} has a space or control character"
+        ));
     }
     Ok(())
 }
@@ -150,7 +152,9 @@ pub fn describe(cmd: &Command) -> (&'static str, String) {
         Command::UpdateTenant { name, .. } => ("tenant-update", name.clone()),
         Command::DeleteTenant { name } => ("tenant-delete", name.clone()),
         Command::SetTenantAdmins { tenant, .. } => ("tenant-admins", tenant.clone()),
-        Command::IssueToken { token } => ("token-issue", format!("{} for {}", token.id, token.user)),
+        Command::IssueToken { token } => {
+            ("token-issue", format!("{} for {}", token.id, token.user))
+        }
         Command::RevokeToken { id } => ("token-revoke", id.clone()),
         Command::RegisterNode { node, .. } => ("register-node", node.name.clone()),
         Command::Authorized { cmd, .. } => describe(cmd),

@@ -46,7 +46,11 @@ fn spec(tenant: &str) -> JobSpec {
 fn state() -> State {
     let mut s = State::new();
     let root = who("root", true);
-    for (name, members) in [("ml", vec![]), ("ml/nlp", vec!["alice"]), ("ml/cv", vec!["bob"])] {
+    for (name, members) in [
+        ("ml", vec![]),
+        ("ml/nlp", vec!["alice"]),
+        ("ml/cv", vec!["bob"]),
+    ] {
         let mut t = Tenant::open(name);
         t.members = members.into_iter().map(String::from).collect();
         let create = Command::CreateTenant {
@@ -123,25 +127,70 @@ fn the_role_table() {
     let table: Vec<(&str, bool, Command, Option<&str>)> = vec![
         ("root", true, quota("ml"), None),
         ("alice", false, submit("alice", "ml/nlp"), None),
-        ("alice", false, submit("alice", "ml/cv"), Some("needs membership of ml/cv")),
-        ("alice", false, submit("bob", "ml/nlp"), Some("may not submit as bob")),
+        (
+            "alice",
+            false,
+            submit("alice", "ml/cv"),
+            Some("needs membership of ml/cv"),
+        ),
+        (
+            "alice",
+            false,
+            submit("bob", "ml/nlp"),
+            Some("may not submit as bob"),
+        ),
         ("alice", false, cancel(1), None),
-        ("bob", false, cancel(1), Some("may not cancel job 1 of alice")),
-        ("alice", false, quota("ml/nlp"), Some("needs tenant-admin on ml or an ancestor")),
+        (
+            "bob",
+            false,
+            cancel(1),
+            Some("may not cancel job 1 of alice"),
+        ),
+        (
+            "alice",
+            false,
+            quota("ml/nlp"),
+            Some("needs tenant-admin on ml or an ancestor"),
+        ),
         ("alice", false, quota("ml"), Some("needs cluster-admin")),
         ("nora", false, cancel(1), None),
         ("nora", false, members("ml/nlp"), None),
-        ("nora", false, quota("ml/nlp"), Some("may not change the quota of tenant ml/nlp")),
-        ("nora", false, members("ml/cv"), Some("may not change the members of tenant ml/cv")),
-        ("nora", false, quota("ml/cv"), Some("needs tenant-admin on ml")),
+        (
+            "nora",
+            false,
+            quota("ml/nlp"),
+            Some("may not change the quota of tenant ml/nlp"),
+        ),
+        (
+            "nora",
+            false,
+            members("ml/cv"),
+            Some("may not change the members of tenant ml/cv"),
+        ),
+        (
+            "nora",
+            false,
+            quota("ml/cv"),
+            Some("needs tenant-admin on ml"),
+        ),
         ("nora", false, new_child("ml/nlp/x"), None),
-        ("nora", false, new_child("ml/cv/x"), Some("may not create tenant ml/cv/x")),
+        (
+            "nora",
+            false,
+            new_child("ml/cv/x"),
+            Some("may not create tenant ml/cv/x"),
+        ),
         ("ann", false, quota("ml/nlp"), None),
         ("ann", false, quota("ml/cv"), None),
         ("ann", false, quota("ml"), Some("needs cluster-admin")),
         ("ann", false, cancel(1), None),
         ("ann", false, new_child("bio"), Some("needs cluster-admin")),
-        ("ann", false, Command::RevokeToken { id: "x".into() }, Some("is not a cluster admin")),
+        (
+            "ann",
+            false,
+            Command::RevokeToken { id: "x".into() },
+            Some("is not a cluster admin"),
+        ),
     ];
     for (name, admin, cmd, expect) in table {
         let got = check(&s, &who(name, admin), &cmd);
@@ -161,7 +210,10 @@ fn apply_checks_again_and_audits_every_outcome() {
     let mut s = state();
     let before = s.audit.len();
     let r = ap(&mut s, &who("bob", false), 5, &cancel(1));
-    assert!(matches!(&r, ApplyResult::Denied(m) if m.contains("of alice")), "{r:?}");
+    assert!(
+        matches!(&r, ApplyResult::Denied(m) if m.contains("of alice")),
+        "{r:?}"
+    );
     assert_eq!(s.jobs[&JobId(1)].state, crate::model::JobState::Pending);
     let r = ap(&mut s, &who("alice", false), 6, &cancel(1));
     assert_eq!(r, ApplyResult::Applied);
@@ -169,7 +221,10 @@ fn apply_checks_again_and_audits_every_outcome() {
     assert!(matches!(r, ApplyResult::NotFound(_)));
     let tail: Vec<&AuditEntry> = s.audit.iter().skip(before).collect();
     assert_eq!(tail.len(), 3);
-    assert_eq!((tail[0].who.as_str(), tail[0].action.as_str()), ("bob", "cancel"));
+    assert_eq!(
+        (tail[0].who.as_str(), tail[0].action.as_str()),
+        ("bob", "cancel")
+    );
     assert!(tail[0].outcome.starts_with("denied: "), "{:?}", tail[0]);
     assert_eq!(tail[1].outcome, "applied");
     assert!(tail[2].outcome.starts_with("rejected: "));
@@ -178,7 +233,10 @@ fn apply_checks_again_and_audits_every_outcome() {
     let del = Command::DeleteTenant {
         name: "ml/nlp".into(),
     };
-    assert_eq!(ap(&mut s, &who("ann", false), 8, &del), ApplyResult::Applied);
+    assert_eq!(
+        ap(&mut s, &who("ann", false), 8, &del),
+        ApplyResult::Applied
+    );
     assert!(s.admins("ml/nlp").is_empty());
 }
 

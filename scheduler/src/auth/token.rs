@@ -103,7 +103,9 @@ mod tests {
         forged.pop();
         forged.push(last);
         assert!(verify(&s, &forged, 0).unwrap_err().contains("forged"));
-        assert!(verify(&s, "mst_zz", 0).unwrap_err().contains("not a Muster token"));
+        assert!(verify(&s, "mst_zz", 0)
+            .unwrap_err()
+            .contains("not a Muster token"));
         assert!(verify(&s, &t, 1000).unwrap_err().contains("expired"));
         let s = state_with(&t, None, true);
         assert!(verify(&s, &t, 0).unwrap_err().contains("revoked"));

@@ -20,8 +20,8 @@ mod security;
 mod tenants;
 mod usage;
 
-pub use tenants::{TenantPatch, TenantUse};
 pub use security::{AuditEntry, Principal, TokenRecord, MAX_AUDIT};
+pub use tenants::{TenantPatch, TenantUse};
 pub use usage::NodeUsage;
 
 use crate::model::{ExitInfo, GpuRecord, Job, JobId, JobSpec, Node, TaskPlacement, Tenant};
