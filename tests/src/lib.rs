@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod tls;
+
 /// Path of a workspace binary (`muster`, `muster-scheduler`, `muster-agent`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -184,6 +186,10 @@ pub struct ClusterSpec {
     /// Use real cgroups (as root) or none.
     pub cgroups: bool,
     pub kill_grace: &'static str,
+    /// Mutual TLS everywhere: a CA and certificates made with `muster admin
+    /// ca init` / `cert issue` in `pki/`; the CLI runs with a `user:root`
+    /// certificate (see [`Cluster::cli_config`]).
+    pub tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -197,6 +203,7 @@ impl Default for ClusterSpec {
             gpus_per_agent: 4,
             cgroups: has_cgroup_v1(),
             kill_grace: "1s",
+            tls: false,
         }
     }
 }
@@ -241,6 +248,9 @@ impl Cluster {
             id,
         };
         let n = c.sched_addrs.len();
+        if c.spec.tls {
+            c.make_pki(n)?;
+        }
         if c.spec.proxies {
             for from in 0..n {
                 for to in (0..n).filter(|t| *t != from) {
@@ -312,7 +322,7 @@ impl Cluster {
                 self.spec.snapshot_entries,
                 self.peers_toml(i, members),
                 self.spec.scheduler_toml,
-            ),
+            ) + &self.tls_toml("node", &format!("sched-{i}")),
         )?;
         Ok(())
     }
@@ -341,7 +351,11 @@ impl Cluster {
 
     /// Scheduler `i`'s own admin report (`muster admin status --json`, this member's row).
     pub fn admin_status(&self, i: usize) -> Option<Value> {
-        let out = Command::new(binary("muster"))
+        let mut cmd = Command::new(binary("muster"));
+        if let Some(cfg) = self.cli_config() {
+            cmd.arg("--config").arg(cfg);
+        }
+        let out = cmd
             .args(["--json", "--addr", &self.sched_addrs[i], "admin", "status"])
             .output()
             .ok()?;
@@ -388,6 +402,21 @@ impl Cluster {
     }
 
     fn write_agent_config(&self, i: usize) -> Result<()> {
+        let tls = self.tls_toml("agent", &self.node_name(i));
+        self.write_agent_config_with(i, &tls)
+    }
+
+    /// Start one more agent (index `spec.agents + k`) whose config ends with
+    /// `tls_toml` instead of its own certificate; returns its index.
+    pub fn start_extra_agent(&mut self, tls_toml: &str) -> Result<usize> {
+        let i = self.agents.len();
+        self.write_agent_config_with(i, tls_toml)?;
+        self.agents.push(None);
+        self.start_agent(i)?;
+        Ok(i)
+    }
+
+    fn write_agent_config_with(&self, i: usize, tls_toml: &str) -> Result<()> {
         let lib = muster_nvml_mock::find_cdylib()
             .ok_or_else(|| anyhow!("the NVML mock library was not built"))?;
         let gpus = (0..self.spec.gpus_per_agent)
@@ -424,7 +453,7 @@ impl Cluster {
                 self.id,
                 self.spec.kill_grace,
                 lib.display()
-            ),
+            ) + tls_toml,
         )?;
         Ok(())
     }
@@ -535,8 +564,11 @@ impl Cluster {
 
     /// Run the CLI against this cluster.
     pub fn muster(&self, args: &[&str]) -> Result<Output> {
-        Command::new(binary("muster"))
-            .arg("--addr")
+        let mut cmd = Command::new(binary("muster"));
+        if let Some(cfg) = self.cli_config() {
+            cmd.arg("--config").arg(cfg);
+        }
+        cmd.arg("--addr")
             .arg(&self.addr)
             .args(args)
             .stdin(Stdio::null())
@@ -594,7 +626,7 @@ impl Cluster {
         let mut logs: Vec<String> = (0..self.schedulers.len())
             .map(|i| format!("scheduler-{i}.log"))
             .collect();
-        logs.extend((0..self.spec.agents).map(|i| format!("agent-{i}.log")));
+        logs.extend((0..self.agents.len()).map(|i| format!("agent-{i}.log")));
         for l in logs {
             let text = std::fs::read_to_string(self.path(&l)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
@@ -609,7 +641,7 @@ impl Cluster {
 
     /// Kill every task process the agents started (supervisors and tasks).
     fn kill_tasks(&self) {
-        for i in 0..self.spec.agents {
+        for i in 0..self.agents.len() {
             let tasks = self.path(&format!("agent-{i}-data/tasks"));
             let Ok(entries) = std::fs::read_dir(tasks) else {
                 continue;
