@@ -76,8 +76,8 @@ pub struct AgentConfig {
     /// Cgroup (per hierarchy) under which task cgroups are created.
     #[serde(default = "default_cgroup_parent")]
     pub cgroup_parent: String,
-    /// Run jobs whose user is root. Off by default: until authentication
-    /// lands, a job's user is what the client claims.
+    /// Run jobs whose user is root. Off by default: root's jobs are refused
+    /// unless this says so (the user itself is the authenticated one).
     #[serde(default)]
     pub allow_root_jobs: bool,
     /// Time between SIGTERM and SIGKILL when a task is stopped.

@@ -26,6 +26,9 @@ pub mod peer;
 pub mod security;
 pub mod tenants;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use crate::config::SchedulerConfig;
 use crate::model::JobId;
 use crate::raft::{ProposeError, RaftHandle};

@@ -46,6 +46,8 @@ use tonic::{Request, Status};
 const AUDIT_QUEUE: usize = 4096;
 /// Entries written in one log entry.
 const AUDIT_BATCH: usize = 256;
+/// Attempts to write a batch (250 ms apart) before it is only logged.
+const AUDIT_RETRIES: u32 = 40;
 
 /// Which kind of daemon a certificate must name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,8 +243,16 @@ pub async fn audit_loop(
             }
         }
         let cmd = crate::state::Command::Audit { entries };
-        if let Err(e) = ctx.raft.propose(cmd).await {
-            tracing::warn!(error = %e, "could not write audit entries");
+        // Through an election, keep trying for a while; then give up (logged).
+        for attempt in 1..=AUDIT_RETRIES {
+            match ctx.raft.propose(cmd.clone()).await {
+                Ok(_) => break,
+                Err(e) if attempt == AUDIT_RETRIES || *stop.borrow() => {
+                    tracing::warn!(error = %e, ?cmd, "could not write audit entries");
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
         }
     }
 }
