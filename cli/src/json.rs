@@ -50,6 +50,9 @@ pub struct Job {
     pub ended_at_ms: Option<i64>,
     pub spec: Spec,
     pub tasks: Vec<Task>,
+    /// Another user's job, shown as a summary: command, environment,
+    /// folders and agent addresses are left out.
+    pub redacted: bool,
 }
 
 /// What was asked for.
@@ -207,6 +210,7 @@ impl From<&JobInfo> for Job {
                 .as_ref()
                 .map_or_else(|| Spec::from(&JobSpec::default()), Spec::from),
             tasks: j.tasks.iter().map(Task::from).collect(),
+            redacted: j.redacted,
         }
     }
 }
