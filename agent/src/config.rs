@@ -237,6 +237,26 @@ mod tests {
     }
 
     #[test]
+    fn plain_listening_beyond_loopback_needs_tls_or_insecure() {
+        let p = Path::new("a.toml");
+        let e = AgentConfig::parse("listen = \"0.0.0.0:7471\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key `listen`") && e.contains("insecure = true"),
+            "{e}"
+        );
+        AgentConfig::parse("listen = \"0.0.0.0:7471\"\ninsecure = true\n", p).unwrap();
+        let e = AgentConfig::parse(
+            "[tls]\nca = \"/nope/ca.pem\"\ncert = \"/nope/c.pem\"\nkey = \"/nope/k.pem\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key `tls.ca`"), "{e}");
+    }
+
+    #[test]
     fn defaults_and_example_config() {
         let d = AgentConfig::default();
         assert_eq!(d.cgroups, CgroupMode::Auto);

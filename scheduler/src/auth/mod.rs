@@ -262,3 +262,73 @@ pub fn rfc3339(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::TokenRecord;
+
+    fn auth() -> Auth {
+        let cfg = crate::config::SchedulerConfig {
+            cluster_admins: vec!["alice".into()],
+            ..Default::default()
+        };
+        Auth::new(&cfg)
+    }
+
+    fn with_token(t: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        r
+    }
+
+    #[test]
+    fn a_token_names_the_principal_and_configured_admins_are_admins() {
+        let (id, t) = token::generate().unwrap();
+        let mut s = State::new();
+        s.tokens.insert(
+            id.clone(),
+            TokenRecord {
+                id: id.clone(),
+                user: "alice".into(),
+                hash: token::hash(&t),
+                created_at_ms: 0,
+                expires_at_ms: None,
+                revoked: false,
+                created_by: "root".into(),
+            },
+        );
+        let a = auth();
+        let p = a.authenticate(&s, &with_token(&t), "x").unwrap();
+        assert_eq!((p.name.as_str(), p.cluster_admin), ("alice", true));
+        assert_eq!(p.via, format!("token {id}"));
+        // The user field of a request plays no part; a bad token is an error,
+        // not a fall-back to another identity.
+        let e = a
+            .authenticate(&s, &with_token("mst_bogus"), "x")
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // No credentials at all (no socket to look up either).
+        let e = a.authenticate(&s, &Request::new(()), "x").unwrap_err();
+        assert!(e.message().starts_with("no credentials"), "{}", e.message());
+        // Both refusals were queued for the audit trail.
+        let mut rx = a.take_audit_queue().unwrap();
+        let first = rx.try_recv().unwrap();
+        assert_eq!(first.who, "?");
+        assert!(first.outcome.starts_with("unauthenticated: invalid token"));
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn daemons_need_a_local_socket_or_insecure_without_tls() {
+        let a = auth();
+        let e = a.daemon(&Request::new(()), Daemon::Agent).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let insecure = Auth::new(&crate::config::SchedulerConfig {
+            insecure: true,
+            ..Default::default()
+        });
+        assert!(insecure.daemon(&Request::new(()), Daemon::Node).is_ok());
+    }
+}
