@@ -406,16 +406,6 @@ impl Cluster {
         self.write_agent_config_with(i, &tls)
     }
 
-    /// Start one more agent (index `spec.agents + k`) whose config ends with
-    /// `tls_toml` instead of its own certificate; returns its index.
-    pub fn start_extra_agent(&mut self, tls_toml: &str) -> Result<usize> {
-        let i = self.agents.len();
-        self.write_agent_config_with(i, tls_toml)?;
-        self.agents.push(None);
-        self.start_agent(i)?;
-        Ok(i)
-    }
-
     fn write_agent_config_with(&self, i: usize, tls_toml: &str) -> Result<()> {
         let lib = muster_nvml_mock::find_cdylib()
             .ok_or_else(|| anyhow!("the NVML mock library was not built"))?;

@@ -63,4 +63,14 @@ impl Cluster {
     pub fn cli_config(&self) -> Option<PathBuf> {
         self.spec.tls.then(|| self.path("cli.toml"))
     }
+
+    /// Start one more agent (index `spec.agents + k`) whose config ends with
+    /// `tls_toml` instead of its own certificate; returns its index.
+    pub fn start_extra_agent(&mut self, tls_toml: &str) -> Result<usize> {
+        let i = self.agents.len();
+        self.write_agent_config_with(i, tls_toml)?;
+        self.agents.push(None);
+        self.start_agent(i)?;
+        Ok(i)
+    }
 }
