@@ -105,6 +105,10 @@ pub struct AgentConfig {
     /// Serve the local service without TLS on a non-loopback address.
     #[serde(default)]
     pub insecure: bool,
+    /// A Unix socket through which users of this host reach the cluster as
+    /// themselves (identified by SO_PEERCRED), without a token.
+    #[serde(default)]
+    pub user_socket: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -127,6 +131,7 @@ impl Default for AgentConfig {
             shim_path: None,
             tls: None,
             insecure: false,
+            user_socket: None,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod local;
 pub mod reconcile;
 pub mod session;
 pub mod task;
+pub mod user_socket;
 
 pub use config::AgentConfig;
 
@@ -48,6 +49,12 @@ pub enum AgentError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tls(#[from] muster_proto::tls::TlsError),
+    #[error("user socket {path}: {source}")]
+    UserSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Open the cgroup manager the configuration asks for.
@@ -151,6 +158,18 @@ pub async fn run(
         data_dir.join("term"),
         stop_rx.clone(),
     ));
+    let users = cfg.user_socket.clone().map(|path| {
+        let mut stop = stop_rx.clone();
+        let schedulers = cfg.schedulers.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = user_socket::serve(&path, schedulers, stopped).await {
+                tracing::error!(error = %e, "the user socket stopped");
+            }
+        })
+    });
     ready();
     let local = muster_proto::agent_local_server::AgentLocalServer::new(local::LocalService::new(
         runtime.clone(),
@@ -161,6 +180,9 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = sessions.await;
+    if let Some(u) = users {
+        let _ = u.await;
+    }
     tracing::info!("agent stopped; tasks keep running under their supervisors");
     result.map_err(AgentError::from)
 }

@@ -182,6 +182,9 @@ async fn open_channel(addr: &str, peer: Peer) -> Result<Channel, ClientError> {
         addr: addr.to_string(),
         reason,
     })?;
+    if let Some(path) = url.strip_prefix("unix:") {
+        return unix_channel(path, peer).await;
+    }
     let mut endpoint = muster_proto::tls::endpoint(&url)
         .map_err(|e| ClientError::BadAddress {
             addr: addr.to_string(),
@@ -200,6 +203,48 @@ async fn open_channel(addr: &str, peer: Peer) -> Result<Channel, ClientError> {
         Err(_) => format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
     };
     Err(unreachable(peer, url, reason))
+}
+
+/// Dials an agent's user socket (`unix:/run/muster/agent.sock`): the agent
+/// knows who we are from the socket itself and forwards our calls.
+async fn unix_channel(path: &str, peer: Peer) -> Result<Channel, ClientError> {
+    let path = std::path::PathBuf::from(path);
+    let connector = UnixConnector(path.clone());
+    // The URI is a placeholder: the connector ignores it.
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| unreachable(peer, format!("unix:{}", path.display()), innermost(&e)))
+}
+
+/// Connects every channel to one Unix socket.
+#[derive(Clone)]
+struct UnixConnector(std::path::PathBuf);
+
+impl tonic::codegen::Service<tonic::transport::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
 }
 
 fn unreachable(peer: Peer, addr: String, reason: String) -> ClientError {

@@ -182,11 +182,19 @@ pub fn resolve_addr(
 /// `host:port` becomes `http://host:port`; `http://` and `https://` URLs pass
 /// through without a trailing slash.
 pub fn normalize_addr(addr: &str) -> Result<String, String> {
+    // An agent's user socket: `unix:/run/muster/agent.sock` (or unix:///...).
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if !path.starts_with('/') {
+            return Err("a unix: address needs an absolute path".to_string());
+        }
+        return Ok(format!("unix:{path}"));
+    }
     let url = match addr.split_once("://") {
         Some(("http" | "https", rest)) if !rest.is_empty() => addr.to_string(),
         Some((scheme, _)) if scheme != "http" && scheme != "https" => {
             return Err(format!(
-                "unsupported scheme {scheme:?} (use http:// or https://)"
+                "unsupported scheme {scheme:?} (use http://, https:// or unix:/PATH)"
             ))
         }
         Some(_) => return Err("missing host".to_string()),

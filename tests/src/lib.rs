@@ -190,6 +190,9 @@ pub struct ClusterSpec {
     /// ca init` / `cert issue` in `pki/`; the CLI runs with a `user:root`
     /// certificate (see [`Cluster::cli_config`]).
     pub tls: bool,
+    /// Top-level keys for every agent's config; `{dir}` is the cluster's
+    /// folder and `{i}` the agent's index.
+    pub agent_toml: &'static str,
 }
 
 impl Default for ClusterSpec {
@@ -204,6 +207,7 @@ impl Default for ClusterSpec {
             cgroups: has_cgroup_v1(),
             kill_grace: "1s",
             tls: false,
+            agent_toml: "",
         }
     }
 }
@@ -432,7 +436,7 @@ impl Cluster {
                 "node_name = \"{}\"\nschedulers = [{}]\nlisten = \"127.0.0.1:0\"\n\
                  data_dir = \"{}\"\ncgroups = \"{cgroups}\"\ncgroup_parent = \"{}/agent-{i}\"\n\
                  allow_root_jobs = true\nkill_grace = \"{}\"\ncpu_millis = 16000\n\
-                 memory_bytes = 17179869184\n[gpu]\nbackend = \"nvml\"\nlibrary_path = \"{}\"\n",
+                 memory_bytes = 17179869184\n{}[gpu]\nbackend = \"nvml\"\nlibrary_path = \"{}\"\n",
                 self.node_name(i),
                 self.sched_addrs
                     .iter()
@@ -442,6 +446,10 @@ impl Cluster {
                 self.path(&format!("agent-{i}-data")).display(),
                 self.id,
                 self.spec.kill_grace,
+                self.spec
+                    .agent_toml
+                    .replace("{dir}", &self.dir.path().to_string_lossy())
+                    .replace("{i}", &i.to_string()),
                 lib.display()
             ) + tls_toml,
         )?;

@@ -382,6 +382,92 @@ fn a_job_runs_as_its_tokens_user() {
     assert_eq!(c.show(own).unwrap()["user"], "root");
 }
 
+/// Run the CLI as `user` (with runuser) against `addr`.
+fn as_local_user(user: &str, addr: &str, args: &[&str]) -> std::process::Output {
+    let muster = muster_tests::binary("muster");
+    std::process::Command::new("runuser")
+        .args(["-u", user, "--"])
+        .arg(muster)
+        .args(["--addr", addr])
+        .args(args)
+        .env("HOME", "/nonexistent")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run runuser")
+}
+
+fn local_ok(user: &str, addr: &str, args: &[&str]) -> String {
+    let out = as_local_user(user, addr, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{user}: {args:?}: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn local_users_reach_the_cluster_through_the_agent_socket() {
+    if !is_root() {
+        eprintln!("skipping: running the CLI as another user needs root (CI runs as root)");
+        return;
+    }
+    ensure_user();
+    let c = Cluster::start(ClusterSpec {
+        agents: 1,
+        agent_toml: "user_socket = \"{dir}/agent-{i}.sock\"\n",
+        ..ClusterSpec::default()
+    })
+    .expect("cluster");
+    // The test user must reach the socket inside the cluster's folder.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = format!("unix:{}", c.path("agent-0.sock").display());
+    wait_for("the user socket", T, || {
+        c.path("agent-0.sock").exists().then_some(())
+    })
+    .unwrap();
+    // Who the kernel says, not a token: the agent vouches for the uid.
+    let uid = nix::unistd::User::from_name(TEST_USER)
+        .unwrap()
+        .unwrap()
+        .uid;
+    let who: Value =
+        serde_json::from_str(&local_ok(TEST_USER, &sock, &["--json", "whoami"])).unwrap();
+    assert_eq!(who["user"], TEST_USER, "{who}");
+    assert_eq!(who["cluster_admin"], false);
+    assert!(
+        who["via"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("socket uid {uid}")),
+        "{who}"
+    );
+    let out = local_ok(
+        TEST_USER,
+        &sock,
+        &["--json", "submit", "--", "sh", "-c", "id -un"],
+    );
+    let job = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let done = c.wait_state(job, "completed", T).expect("completed");
+    assert_eq!(done["user"], TEST_USER);
+    let logs = local_ok(TEST_USER, &sock, &["logs", &job.to_string()]);
+    assert!(logs.contains(TEST_USER), "{logs}");
+    // Root through the socket is root, but not a cluster admin.
+    let out = std::process::Command::new(muster_tests::binary("muster"))
+        .args(["--json", "--addr", &sock, "whoami"])
+        .output()
+        .unwrap();
+    let root: Value = serde_json::from_slice(&out.stdout).expect("whoami as root");
+    assert_eq!(
+        (root["user"].as_str(), root["cluster_admin"].as_bool()),
+        (Some("root"), Some(false))
+    );
+    audited(&c, "the socket submission", |e| {
+        is(e, TEST_USER, "submit", "applied")
+            && e["via"].as_str().is_some_and(|v| v.contains("socket uid"))
+    });
+}
+
 /// A folder with a CA of its own, unknown to the cluster.
 fn rogue_ca(c: &Cluster, node: &str) -> String {
     let dir = c.path("rogue");

@@ -134,6 +134,9 @@ impl Auth {
         req: &Request<T>,
         from: String,
     ) -> Result<Principal, String> {
+        if let Some(user) = req.metadata().get(muster_proto::headers::ON_BEHALF_OF) {
+            return self.on_behalf(req, user, from);
+        }
         if let Some(v) = req.metadata().get("authorization") {
             let v = v
                 .to_str()
@@ -161,6 +164,36 @@ impl Auth {
              with 'muster admin token issue') or a client certificate"
                 .to_string(),
         )
+    }
+
+    /// A user of an agent's host, speaking through the agent's user socket:
+    /// believed only if the caller is an authenticated agent, and never a
+    /// cluster admin for being root there.
+    fn on_behalf<T>(
+        &self,
+        req: &Request<T>,
+        user: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        from: String,
+    ) -> Result<Principal, String> {
+        let agent = self
+            .daemon(req, Daemon::Agent)
+            .map_err(|s| format!("only an agent may speak for a local user: {}", s.message()))?;
+        let name = user
+            .to_str()
+            .map_err(|_| "on-behalf-of: not text".to_string())?
+            .to_string();
+        roles::check_user_name(&name).map_err(|e| format!("on-behalf-of: {e}"))?;
+        let uid = req
+            .metadata()
+            .get(muster_proto::headers::PEER_UID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?");
+        Ok(Principal {
+            cluster_admin: name != "root" && self.cluster_admins.contains(&name),
+            via: format!("{agent} socket uid {uid}"),
+            name,
+            from,
+        })
     }
 
     /// Check that a daemon of `kind` is calling; returns its name (`agent:NAME`).
