@@ -329,11 +329,16 @@ fn submissions_are_rate_limited_per_user() {
 const TEST_USER: &str = "muster-sec-test";
 
 fn ensure_user() {
-    if nix::unistd::User::from_name(TEST_USER)
-        .ok()
-        .flatten()
-        .is_some()
-    {
+    // Two tests need the user, and may run at once.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let exists = || {
+        nix::unistd::User::from_name(TEST_USER)
+            .ok()
+            .flatten()
+            .is_some()
+    };
+    if exists() {
         return;
     }
     let out = std::process::Command::new("useradd")
@@ -341,7 +346,7 @@ fn ensure_user() {
         .output()
         .expect("run useradd");
     assert!(
-        out.status.success(),
+        out.status.success() || exists(),
         "useradd {TEST_USER}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
