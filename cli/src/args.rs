@@ -24,7 +24,8 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Scheduler address, http://HOST:PORT or HOST:PORT [env: MUSTER_ADDR]
+    /// Scheduler address, http://HOST:PORT or HOST:PORT, or an agent's user
+    /// socket unix:/PATH [env: MUSTER_ADDR]
     #[arg(
         long,
         global = true,
@@ -33,7 +34,8 @@ pub struct GlobalArgs {
     )]
     pub addr: Option<String>,
 
-    /// Config file with `addr = "..."` [default: $XDG_CONFIG_HOME/muster/config.toml,
+    /// Config file with `addr = "..."`, `token_file = "..."` and a `[tls]`
+    /// table (ca, cert, key) [default: $XDG_CONFIG_HOME/muster/config.toml,
     /// then ~/.config/muster/config.toml, then /etc/muster/cli.toml]
     #[arg(
         long,
@@ -87,7 +89,8 @@ pub enum Command {
     /// Manage tenants
     #[command(subcommand)]
     Tenant(TenantCommand),
-    /// Scheduler cluster administration: Raft status and membership
+    /// Scheduler cluster administration: Raft status and membership, CA and
+    /// certificates, tokens, the audit trail
     #[command(subcommand)]
     Admin(AdminCommand),
     /// Run a one-machine cluster (scheduler and agent) for trying Muster out

@@ -1,12 +1,17 @@
 //! Where the scheduler is: `--addr`, then `MUSTER_ADDR`, then a config file,
 //! then the address `muster dev` listens on.
 //!
-//! The config file is TOML with one key, `addr`. Without `--config` the CLI
-//! looks at `$XDG_CONFIG_HOME/muster/config.toml` (or
-//! `~/.config/muster/config.toml`), then `/etc/muster/cli.toml`, and uses the
-//! first that exists. A file named by `--config` must exist. The file is only
-//! read when neither the flag nor the environment gives an address, so a
-//! broken file never gets in the way of an explicit `--addr`.
+//! The config file is TOML with the keys `addr`, `token_file` and a `[tls]`
+//! table (`ca`, `cert`, `key`: the user's certificate for mutual TLS).
+//! Without `--config` the CLI looks at `$XDG_CONFIG_HOME/muster/config.toml`
+//! (or `~/.config/muster/config.toml`), then `/etc/muster/cli.toml`, and uses
+//! the first that exists. A file named by `--config` must exist. For the
+//! address, the file is only read when neither the flag nor the environment
+//! gives one, so a broken file never gets in the way of an explicit
+//! `--addr`; credentials (`[tls]`, `token_file`) are read from it for every
+//! command that talks to the cluster.
+//!
+//! A token file must not be readable by group or others ([`read_token_file`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
