@@ -47,8 +47,9 @@ pub struct ConfigFile {
     pub addr: Option<String>,
     /// File holding this user's token (mode 0600).
     pub token_file: Option<PathBuf>,
-    /// Mutual TLS: `[tls] ca, cert, key` (a `user:NAME` certificate).
-    pub tls: Option<muster_proto::tls::TlsFiles>,
+    /// TLS: `[tls] ca` (the cluster CA), and optionally `cert` and `key` (a
+    /// `user:NAME` certificate; without one, authenticate with a token).
+    pub tls: Option<muster_proto::tls::ClientTlsFiles>,
 }
 
 /// The config files to try, in order, when `--config` is not given.

@@ -78,6 +78,30 @@ impl TlsFiles {
     }
 }
 
+/// A client's `[tls]` table: the CA is required; a certificate is optional
+/// (a user may authenticate with a token instead).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsFiles {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTlsFiles {
+    /// Trust only the cluster CA; present a certificate if one is configured.
+    pub fn client(&self) -> Result<ClientTlsConfig, TlsError> {
+        let tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca", &self.ca)?));
+        Ok(match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                tls.identity(Identity::from_pem(read("cert", c)?, read("key", k)?))
+            }
+            _ => tls,
+        })
+    }
+}
+
 static CLIENT: OnceLock<ClientTlsConfig> = OnceLock::new();
 
 /// Make every channel this process opens through [`endpoint`] use `tls`.

@@ -530,6 +530,23 @@ fn mutual_tls_between_every_daemon_and_the_cli() {
         .contains("over tls"));
     c.wait_converged(T).unwrap();
 
+    // A user with only the CA and a token (no certificate of their own).
+    let (alice, _) = token(&c, "alice", &[]);
+    let ca_only = c.path("ca-only.toml");
+    let ca = c.path("pki/ca.pem");
+    std::fs::write(&ca_only, format!("[tls]\nca = \"{}\"\n", ca.display())).unwrap();
+    let out = std::process::Command::new(muster_tests::binary("muster"))
+        .arg("--config")
+        .arg(&ca_only)
+        .arg("--token-file")
+        .arg(&alice)
+        .args(["--json", "--addr", &c.addr, "whoami"])
+        .output()
+        .unwrap();
+    let who: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(who["user"], "alice", "{who}");
+
     // Without TLS the CLI cannot talk to the cluster at all.
     let plain = std::process::Command::new(muster_tests::binary("muster"))
         .args(["--addr", &c.sched_addrs[0], "queue"])

@@ -65,6 +65,12 @@ impl Ctx {
         let file = self.config_file()?;
         if let Some((cfg, path)) = &file {
             if let Some(tls) = &cfg.tls {
+                if tls.cert.is_some() != tls.key.is_some() {
+                    anyhow::bail!(
+                        "config file {}: [tls] needs both `cert` and `key`, or neither",
+                        path.display()
+                    );
+                }
                 let client = tls
                     .client()
                     .with_context(|| format!("config file {}", path.display()))?;
