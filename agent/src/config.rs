@@ -88,8 +88,8 @@ pub struct AgentConfig {
     /// Cgroup (per hierarchy) under which task cgroups are created.
     #[serde(default = "default_cgroup_parent")]
     pub cgroup_parent: String,
-    /// Run jobs whose user is root. Off by default: until authentication
-    /// lands, a job's user is what the client claims.
+    /// Run jobs whose user is root. Off by default: root's jobs are refused
+    /// unless this says so (the user itself is the authenticated one).
     #[serde(default)]
     pub allow_root_jobs: bool,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
@@ -127,6 +127,17 @@ pub struct AgentConfig {
     /// Files kept per task stream (stdout, stderr), the live one included.
     #[serde(default = "default_log_files")]
     pub log_files: u32,
+    /// Mutual TLS to the schedulers and for the local (logs) service:
+    /// `[tls] ca, cert, key` (an `agent:NAME` certificate).
+    #[serde(default)]
+    pub tls: Option<muster_proto::tls::TlsFiles>,
+    /// Serve the local service without TLS on a non-loopback address.
+    #[serde(default)]
+    pub insecure: bool,
+    /// A Unix socket through which users of this host reach the cluster as
+    /// themselves (identified by SO_PEERCRED), without a token.
+    #[serde(default)]
+    pub user_socket: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -152,6 +163,9 @@ impl Default for AgentConfig {
             ignored_xids: default_ignored_xids(),
             log_max_bytes: default_log_max_bytes(),
             log_files: default_log_files(),
+            tls: None,
+            insecure: false,
+            user_socket: None,
         }
     }
 }
@@ -197,6 +211,17 @@ impl AgentConfig {
             if p.as_os_str().len() > 107 {
                 return Err("key `task_socket`: path longer than 107 bytes".into());
             }
+        }
+        match &self.tls {
+            Some(tls) => tls.check()?,
+            None if !self.insecure && !muster_proto::tls::is_loopback(&self.listen) => {
+                return Err(format!(
+                    "key `listen`: {} is not a loopback address; serving it without TLS needs a \
+                     [tls] table (see 'muster admin cert issue --agent') or insecure = true",
+                    self.listen
+                ))
+            }
+            None => {}
         }
         Ok(())
     }
@@ -267,6 +292,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("cgroups"), "{e}");
+    }
+
+    #[test]
+    fn plain_listening_beyond_loopback_needs_tls_or_insecure() {
+        let p = Path::new("a.toml");
+        let e = AgentConfig::parse("listen = \"0.0.0.0:7471\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key `listen`") && e.contains("insecure = true"),
+            "{e}"
+        );
+        AgentConfig::parse("listen = \"0.0.0.0:7471\"\ninsecure = true\n", p).unwrap();
+        let e = AgentConfig::parse(
+            "[tls]\nca = \"/nope/ca.pem\"\ncert = \"/nope/c.pem\"\nkey = \"/nope/k.pem\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key `tls.ca`"), "{e}");
     }
 
     #[test]

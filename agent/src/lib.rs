@@ -21,6 +21,7 @@ pub mod reconcile;
 pub mod session;
 pub mod task;
 pub mod task_socket;
+pub mod user_socket;
 
 pub use config::AgentConfig;
 
@@ -48,6 +49,14 @@ pub enum AgentError {
     Shim(std::io::Error),
     #[error("local service: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] muster_proto::tls::TlsError),
+    #[error("user socket {path}: {source}")]
+    UserSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Open the cgroup manager the configuration asks for.
@@ -93,6 +102,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send,
 ) -> Result<(), AgentError> {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        // One identity for the scheduler sessions and the local service.
+        muster_proto::tls::install_client(tls.client()?);
+        server = server.tls_config(tls.server()?)?;
+    }
     let inventory: Arc<dyn gpu::GpuInventory> = Arc::from(gpu::open(&cfg.gpu)?);
     let gpus = gpus_to_pb(inventory.gpus()?);
     tracing::info!(
@@ -182,11 +197,23 @@ pub async fn run(
         events_rx,
         stop_rx.clone(),
     ));
+    let users = cfg.user_socket.clone().map(|path| {
+        let mut stop = stop_rx.clone();
+        let schedulers = cfg.schedulers.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = user_socket::serve(&path, schedulers, stopped).await {
+                tracing::error!(error = %e, "the user socket stopped");
+            }
+        })
+    });
     ready();
     let local = muster_proto::agent_local_server::AgentLocalServer::new(local::LocalService::new(
         runtime.clone(),
     ));
-    let result = tonic::transport::Server::builder()
+    let result = server
         .add_service(local)
         .serve_with_incoming_shutdown(muster_proto::daemon::nodelay(listener), shutdown)
         .await;
@@ -195,6 +222,9 @@ pub async fn run(
     let _ = tasks_served.await;
     health_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || watcher.join()).await;
+    if let Some(u) = users {
+        let _ = u.await;
+    }
     tracing::info!("agent stopped; tasks keep running under their supervisors");
     result.map_err(AgentError::from)
 }

@@ -155,7 +155,7 @@ fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
     } else {
         format!("http://{addr}")
     };
-    tonic::transport::Endpoint::from_shared(url)
+    muster_proto::tls::endpoint(&url)
         .map(|e| e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
         .map_err(|e| format!("bad scheduler address {addr:?}: {e}"))
 }

@@ -24,7 +24,8 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Scheduler address, http://HOST:PORT or HOST:PORT [env: MUSTER_ADDR]
+    /// Scheduler address, http://HOST:PORT or HOST:PORT, or an agent's user
+    /// socket unix:/PATH [env: MUSTER_ADDR]
     #[arg(
         long,
         global = true,
@@ -33,7 +34,8 @@ pub struct GlobalArgs {
     )]
     pub addr: Option<String>,
 
-    /// Config file with `addr = "..."` [default: $XDG_CONFIG_HOME/muster/config.toml,
+    /// Config file with `addr = "..."`, `token_file = "..."` and a `[tls]`
+    /// table (ca, cert, key) [default: $XDG_CONFIG_HOME/muster/config.toml,
     /// then ~/.config/muster/config.toml, then /etc/muster/cli.toml]
     #[arg(
         long,
@@ -52,6 +54,18 @@ pub struct GlobalArgs {
     /// linearizable by default)
     #[arg(long, global = true, help_heading = "Global options")]
     pub stale: bool,
+
+    /// File with your token (mode 0600) [default: `token_file` in the config
+    /// file, then ~/.config/muster/token if it exists; without one, the
+    /// scheduler identifies local callers by their uid]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "MUSTER_TOKEN_FILE",
+        help_heading = "Global options"
+    )]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,11 +89,14 @@ pub enum Command {
     /// Manage tenants
     #[command(subcommand)]
     Tenant(TenantCommand),
-    /// Scheduler cluster administration: Raft status and membership
+    /// Scheduler cluster administration: Raft status and membership, CA and
+    /// certificates, tokens, the audit trail
     #[command(subcommand)]
     Admin(AdminCommand),
     /// Run a one-machine cluster (scheduler and agent) for trying Muster out
     Dev(DevArgs),
+    /// Say who the scheduler takes you to be, and your roles
+    Whoami,
     /// Report from inside a task (to its agent)
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
@@ -322,6 +339,17 @@ pub enum AdminCommand {
     /// Scheduler membership (joint consensus through the Raft log)
     #[command(subcommand)]
     Peers(PeersCommand),
+    /// The cluster's certificate authority (mutual TLS)
+    #[command(subcommand)]
+    Ca(crate::security_args::CaCommand),
+    /// Certificates for schedulers, agents and users
+    #[command(subcommand)]
+    Cert(crate::security_args::CertCommand),
+    /// Users' tokens: issue, list, revoke (cluster admins)
+    #[command(subcommand)]
+    Token(crate::security_args::TokenCommand),
+    /// Read the audit trail: who changed what, when, from where (cluster admins)
+    Audit(crate::security_args::AuditArgs),
 }
 
 /// `muster admin peers ...`.

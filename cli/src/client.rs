@@ -16,7 +16,7 @@ use muster_proto::{
     ListTenantsRequest, NodeInfo, StatusRequest, StatusResponse, SubmitRequest, TenantInfo,
 };
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// A scheduler client; every call carries the read mode (see [`ReadMode`]).
@@ -34,8 +34,23 @@ pub fn set_stale_reads(stale: bool) {
 #[derive(Clone, Copy, Debug)]
 pub struct ReadMode;
 
+static TOKEN: std::sync::OnceLock<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+    std::sync::OnceLock::new();
+
+/// Send `token` as `authorization: Bearer ...` on every call of this process.
+pub fn set_token(token: &str) -> Result<(), String> {
+    let v = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| "the token has characters that cannot travel in a header".to_string())?;
+    let _ = TOKEN.set(v);
+    Ok(())
+}
+
 impl tonic::service::Interceptor for ReadMode {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(t) = TOKEN.get() {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
         if STALE_READS.get().copied().unwrap_or(false) {
             req.metadata_mut().insert(
                 "muster-read",
@@ -117,9 +132,42 @@ pub async fn connect_any(addr: &str) -> Result<(String, Client), ClientError> {
 /// Connects to the admin service of one scheduler.
 pub async fn connect_admin(
     addr: &str,
-) -> Result<muster_proto::admin_client::AdminClient<Channel>, ClientError> {
+) -> Result<
+    muster_proto::admin_client::AdminClient<InterceptedService<Channel, ReadMode>>,
+    ClientError,
+> {
     let channel = open_channel(addr, Peer::Scheduler).await?;
-    Ok(muster_proto::admin_client::AdminClient::new(channel))
+    Ok(muster_proto::admin_client::AdminClient::with_interceptor(
+        channel, ReadMode,
+    ))
+}
+
+/// Connects to the security service (tokens, audit) of the first scheduler that answers.
+pub async fn connect_security(
+    addr: &str,
+) -> Result<
+    (
+        String,
+        muster_proto::security_client::SecurityClient<InterceptedService<Channel, ReadMode>>,
+    ),
+    ClientError,
+> {
+    let mut last = None;
+    for a in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match open_channel(a, Peer::Scheduler).await {
+            Ok(c) => {
+                return Ok((
+                    a.to_string(),
+                    muster_proto::security_client::SecurityClient::with_interceptor(c, ReadMode),
+                ))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::BadAddress {
+        addr: addr.to_string(),
+        reason: "no address given".to_string(),
+    }))
 }
 
 /// Connects to an agent's local service (used for logs). No request timeout:
@@ -134,7 +182,10 @@ async fn open_channel(addr: &str, peer: Peer) -> Result<Channel, ClientError> {
         addr: addr.to_string(),
         reason,
     })?;
-    let mut endpoint = Endpoint::from_shared(url.clone())
+    if let Some(path) = url.strip_prefix("unix:") {
+        return unix_channel(path, peer).await;
+    }
+    let mut endpoint = muster_proto::tls::endpoint(&url)
         .map_err(|e| ClientError::BadAddress {
             addr: addr.to_string(),
             reason: innermost(&e),
@@ -152,6 +203,48 @@ async fn open_channel(addr: &str, peer: Peer) -> Result<Channel, ClientError> {
         Err(_) => format!("timed out after {}s", CONNECT_TIMEOUT.as_secs()),
     };
     Err(unreachable(peer, url, reason))
+}
+
+/// Dials an agent's user socket (`unix:/run/muster/agent.sock`): the agent
+/// knows who we are from the socket itself and forwards our calls.
+async fn unix_channel(path: &str, peer: Peer) -> Result<Channel, ClientError> {
+    let path = std::path::PathBuf::from(path);
+    let connector = UnixConnector(path.clone());
+    // The URI is a placeholder: the connector ignores it.
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| unreachable(peer, format!("unix:{}", path.display()), innermost(&e)))
+}
+
+/// Connects every channel to one Unix socket.
+#[derive(Clone)]
+struct UnixConnector(std::path::PathBuf);
+
+impl tonic::codegen::Service<tonic::transport::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
 }
 
 fn unreachable(peer: Peer, addr: String, reason: String) -> ClientError {

@@ -1,12 +1,17 @@
 //! Where the scheduler is: `--addr`, then `MUSTER_ADDR`, then a config file,
 //! then the address `muster dev` listens on.
 //!
-//! The config file is TOML with one key, `addr`. Without `--config` the CLI
-//! looks at `$XDG_CONFIG_HOME/muster/config.toml` (or
-//! `~/.config/muster/config.toml`), then `/etc/muster/cli.toml`, and uses the
-//! first that exists. A file named by `--config` must exist. The file is only
-//! read when neither the flag nor the environment gives an address, so a
-//! broken file never gets in the way of an explicit `--addr`.
+//! The config file is TOML with the keys `addr`, `token_file` and a `[tls]`
+//! table (`ca`, `cert`, `key`: the user's certificate for mutual TLS).
+//! Without `--config` the CLI looks at `$XDG_CONFIG_HOME/muster/config.toml`
+//! (or `~/.config/muster/config.toml`), then `/etc/muster/cli.toml`, and uses
+//! the first that exists. A file named by `--config` must exist. For the
+//! address, the file is only read when neither the flag nor the environment
+//! gives one, so a broken file never gets in the way of an explicit
+//! `--addr`; credentials (`[tls]`, `token_file`) are read from it for every
+//! command that talks to the cluster.
+//!
+//! A token file must not be readable by group or others ([`read_token_file`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -40,6 +45,11 @@ pub enum ConfigError {
 pub struct ConfigFile {
     /// Scheduler address, `http://host:port` or `host:port`.
     pub addr: Option<String>,
+    /// File holding this user's token (mode 0600).
+    pub token_file: Option<PathBuf>,
+    /// TLS: `[tls] ca` (the cluster CA), and optionally `cert` and `key` (a
+    /// `user:NAME` certificate; without one, authenticate with a token).
+    pub tls: Option<muster_proto::tls::ClientTlsFiles>,
 }
 
 /// The config files to try, in order, when `--config` is not given.
@@ -79,6 +89,43 @@ pub fn load_config(path: &Path) -> Result<ConfigFile, ConfigError> {
         reason: e.to_string(),
     })?;
     parse_config(&shown, &text)
+}
+
+/// The first config file that exists: `explicit` if given (it must exist),
+/// else the default paths; with its path.
+pub fn config_from_files(
+    explicit: Option<&Path>,
+    defaults: &[PathBuf],
+) -> Result<Option<(ConfigFile, PathBuf)>, ConfigError> {
+    let path = match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => defaults.iter().find(|p| p.is_file()).cloned(),
+    };
+    let Some(path) = path else { return Ok(None) };
+    Ok(Some((load_config(&path)?, path)))
+}
+
+/// Read a token file, refusing one that group or others may read.
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "token file {} has mode {mode:04o}: group or others may read it; \
+             run 'chmod 600 {}'",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(token)
 }
 
 /// The address from the first config file that exists: `explicit` if given
@@ -141,11 +188,19 @@ pub fn resolve_addr(
 /// `host:port` becomes `http://host:port`; `http://` and `https://` URLs pass
 /// through without a trailing slash.
 pub fn normalize_addr(addr: &str) -> Result<String, String> {
+    // An agent's user socket: `unix:/run/muster/agent.sock` (or unix:///...).
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if !path.starts_with('/') {
+            return Err("a unix: address needs an absolute path".to_string());
+        }
+        return Ok(format!("unix:{path}"));
+    }
     let url = match addr.split_once("://") {
         Some(("http" | "https", rest)) if !rest.is_empty() => addr.to_string(),
         Some((scheme, _)) if scheme != "http" && scheme != "https" => {
             return Err(format!(
-                "unsupported scheme {scheme:?} (use http:// or https://)"
+                "unsupported scheme {scheme:?} (use http://, https:// or unix:/PATH)"
             ))
         }
         Some(_) => return Err("missing host".to_string()),
@@ -190,6 +245,19 @@ mod tests {
     fn empty_env_counts_as_unset() {
         let r = resolve_addr(None, Some(""), config_says("c:3"));
         assert_eq!(r, Ok("http://c:3".to_string()));
+    }
+
+    #[test]
+    fn token_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "mst_x\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_token_file(&p).unwrap_err();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "mst_x");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Job {
     pub stop_signal: i32,
     pub stop_signal_name: String,
     pub grace_secs: u64,
+    /// Another user's job, shown as a summary: command, environment,
+    /// folders and agent addresses are left out.
+    pub redacted: bool,
 }
 
 /// A reported checkpoint.
@@ -191,6 +194,8 @@ pub struct Tenant {
     pub fair_share_usage: f64,
     pub jobs_pending: u32,
     pub jobs_running: u32,
+    /// Tenant admins of this tenant (rights over its subtree).
+    pub admins: Vec<String>,
 }
 
 /// A chunk of `muster logs --json`, one JSON object per line.
@@ -239,6 +244,7 @@ impl From<&JobInfo> for Job {
             stop_signal: j.stop_signal,
             stop_signal_name: signal_name(j.stop_signal),
             grace_secs: j.grace_secs,
+            redacted: j.redacted,
         }
     }
 }
@@ -358,6 +364,7 @@ impl From<&TenantInfo> for Tenant {
             fair_share_usage: t.fair_share_usage,
             jobs_pending: t.jobs_pending,
             jobs_running: t.jobs_running,
+            admins: t.admins.clone(),
         }
     }
 }

@@ -15,6 +15,8 @@ mod config;
 mod dev;
 mod json;
 mod output;
+mod pki;
+mod security_args;
 mod spec;
 mod tenant_args;
 

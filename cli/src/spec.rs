@@ -609,3 +609,7 @@ fn toml_env(table: BTreeMap<String, toml::Value>) -> Result<BTreeMap<String, Str
 #[cfg(test)]
 #[path = "spec_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "spec_fuzz.rs"]
+mod fuzz;

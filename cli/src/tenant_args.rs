@@ -10,6 +10,7 @@ Examples:
   muster tenant create ml/nlp --guarantee 32 --gpu-limit 64 --user alice --default-for alice
   muster tenant set ml/nlp --gpu-limit 80 --cpu-limit 512 --mem-limit 4T
   muster tenant set ml/nlp --gpu-limit none      # remove the limit
+  muster tenant set ml --add-admin ann           # ann administers ml's subtree
   muster tenant show ml/nlp
   muster tenant usage
   muster tenant delete ml/nlp
@@ -17,7 +18,11 @@ Examples:
 A tenant's name is its place in the tree: ml/nlp is a child of ml. The
 guarantee is what the tenant can always get back (reclaiming borrowed GPUs);
 the limit caps what its subtree may hold, borrowing included, and holds on
-every ancestor too. Children's guarantees may not add up past their parent's.";
+every ancestor too. Children's guarantees may not add up past their parent's.
+
+A tenant admin may change the members and cancel the jobs of its tenant and
+every descendant, and the quotas and admins of descendants (not its own
+tenant's: that takes an admin above it, or a cluster admin).";
 
 /// `muster tenant ...`.
 #[derive(Debug, Subcommand)]
@@ -82,6 +87,11 @@ pub struct TenantCreateArgs {
     /// Make it these users' default tenant (repeatable)
     #[arg(long, value_name = "USER")]
     pub default_for: Vec<String>,
+
+    /// Make this user a tenant admin (repeatable): members, jobs, and the
+    /// quotas of child tenants in its subtree
+    #[arg(long = "admin", value_name = "USER")]
+    pub admins: Vec<String>,
 }
 
 /// `muster tenant set`.
@@ -118,6 +128,14 @@ pub struct TenantSetArgs {
     /// Stop this user submitting (repeatable)
     #[arg(long = "remove-user", value_name = "USER")]
     pub remove_users: Vec<String>,
+
+    /// Make this user a tenant admin (repeatable)
+    #[arg(long = "add-admin", value_name = "USER")]
+    pub add_admins: Vec<String>,
+
+    /// Remove this tenant admin (repeatable)
+    #[arg(long = "remove-admin", value_name = "USER")]
+    pub remove_admins: Vec<String>,
 
     /// Make it these users' default tenant (repeatable)
     #[arg(long, value_name = "USER")]

@@ -12,3 +12,13 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod daemon;
+pub mod tls;
+
+/// Request metadata with a meaning across the services.
+pub mod headers {
+    /// Sent by an agent's user socket: the local user it speaks for. A
+    /// scheduler believes it only from an authenticated agent.
+    pub const ON_BEHALF_OF: &str = "muster-on-behalf-of";
+    /// With [`ON_BEHALF_OF`]: that user's uid on the agent's host.
+    pub const PEER_UID: &str = "muster-peer-uid";
+}

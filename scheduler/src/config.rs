@@ -95,6 +95,47 @@ pub struct SchedulerConfig {
     /// there is no quorum.
     #[serde(default = "default_commit_timeout", with = "humantime_serde")]
     pub commit_timeout: Duration,
+    /// Mutual TLS for clients, agents and peers (`[tls] ca, cert, key`).
+    #[serde(default)]
+    pub tls: Option<muster_proto::tls::TlsFiles>,
+    /// Serve without TLS on a non-loopback address (and accept agents and
+    /// peers without certificates). For trusted networks only.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Users who are cluster admins (root always is).
+    #[serde(default)]
+    pub cluster_admins: Vec<String>,
+    /// Request limits (`[limits]`).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: how fast one user may submit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Submissions (a job array counts once) per user per second, per scheduler.
+    #[serde(default = "default_submits_per_second")]
+    pub submits_per_second: f64,
+    /// How many submissions a user may make at once before the rate applies.
+    #[serde(default = "default_submit_burst")]
+    pub submit_burst: u32,
+}
+
+fn default_submits_per_second() -> f64 {
+    20.0
+}
+fn default_submit_burst() -> u32 {
+    200
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            submits_per_second: default_submits_per_second(),
+            submit_burst: default_submit_burst(),
+        }
+    }
 }
 
 fn default_commit_timeout() -> Duration {
@@ -118,6 +159,10 @@ impl Default for SchedulerConfig {
             peers: BTreeMap::new(),
             join: false,
             commit_timeout: default_commit_timeout(),
+            tls: None,
+            insecure: false,
+            cluster_admins: vec![],
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -163,6 +208,31 @@ impl SchedulerConfig {
         }
         if self.commit_timeout.is_zero() {
             return Err("key `commit_timeout`: must be greater than 0".into());
+        }
+        self.validate_security()
+    }
+
+    fn validate_security(&self) -> Result<(), String> {
+        match &self.tls {
+            Some(tls) => tls.check()?,
+            None if !self.insecure && !self.listen.ip().is_loopback() => {
+                return Err(format!(
+                    "key `listen`: {} is not a loopback address; serving it without TLS needs a                      [tls] table (see 'muster admin cert issue --node') or insecure = true",
+                    self.listen
+                ))
+            }
+            None => {}
+        }
+        let rate = self.limits.submits_per_second;
+        if rate.is_nan() || rate <= 0.0 {
+            return Err("key `limits.submits_per_second`: must be greater than 0".into());
+        }
+        if self.limits.submit_burst == 0 {
+            return Err("key `limits.submit_burst`: must be at least 1".into());
+        }
+        for u in &self.cluster_admins {
+            crate::auth::roles::check_user_name(u)
+                .map_err(|e| format!("key `cluster_admins`: {e}"))?;
         }
         Ok(())
     }
@@ -220,6 +290,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("node_id"), "{e}");
+    }
+
+    #[test]
+    fn plain_listening_beyond_loopback_needs_tls_or_insecure() {
+        let p = Path::new("s.toml");
+        let e = SchedulerConfig::parse("listen = \"0.0.0.0:7470\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key `listen`") && e.contains("insecure = true"),
+            "{e}"
+        );
+        SchedulerConfig::parse("listen = \"0.0.0.0:7470\"\ninsecure = true\n", p).unwrap();
+        SchedulerConfig::parse("listen = \"127.0.0.1:7470\"\n", p).unwrap();
+        let e = SchedulerConfig::parse(
+            "[tls]\nca = \"/nope/ca.pem\"\ncert = \"/nope/c.pem\"\nkey = \"/nope/k.pem\"\n",
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key `tls.ca`"), "{e}");
+        let e = SchedulerConfig::parse("[limits]\nsubmits_per_second = 0\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.submits_per_second"), "{e}");
     }
 
     #[test]

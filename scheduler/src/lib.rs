@@ -3,10 +3,12 @@
 //!
 //! Start at [`state`] (what is replicated and how it changes), then
 //! [`planner`] (how jobs are placed), then [`raft`] (how changes are agreed
-//! and made durable) and [`api`] (how the outside world reaches all this).
+//! and made durable) and [`api`] (how the outside world reaches all this),
+//! with [`auth`] (who is asking, what they may do, and the audit trail).
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod leader;
 pub mod model;

@@ -43,6 +43,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         cfg.data_dir = d;
     }
+    // The overrides are checked like the file (e.g. a public --listen needs TLS).
+    cfg.validate()
+        .map_err(|m| anyhow::anyhow!("{} with overrides: {m}", args.config.display()))?;
     if args.check {
         println!("{}: ok", args.config.display());
         return Ok(());

@@ -2,7 +2,8 @@
 //! listener, and stop them all when the shutdown future resolves.
 
 use crate::api::{
-    admin::AdminService, agent::AgentService, client::ClientApi, peer::PeerService, Ctx,
+    admin::AdminService, agent::AgentService, client::ClientApi, peer::PeerService,
+    security::SecurityService, Ctx,
 };
 use crate::config::SchedulerConfig;
 use crate::raft::{self, RaftSettings};
@@ -10,6 +11,7 @@ use muster_proto::admin_server::AdminServer;
 use muster_proto::agent_api_server::AgentApiServer;
 use muster_proto::muster_server::MusterServer;
 use muster_proto::raft_peer_server::RaftPeerServer;
+use muster_proto::security_server::SecurityServer;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,6 +37,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC server task: {0}")]
     Join(String),
+    #[error(transparent)]
+    Tls(#[from] muster_proto::tls::TlsError),
 }
 
 /// A member that starts with no data while its peers already run a cluster
@@ -45,7 +49,7 @@ async fn rejoining(cfg: &SchedulerConfig, peers: &std::collections::BTreeMap<u64
         return false;
     }
     for (id, addr) in peers.iter().filter(|(id, _)| **id != cfg.node_id) {
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(addr.clone()) else {
+        let Ok(endpoint) = muster_proto::tls::endpoint(addr) else {
             continue;
         };
         let probe = async {
@@ -86,6 +90,14 @@ pub async fn run(
         path: cfg.data_dir.clone(),
         source,
     })?;
+    // TLS first: the peer transport and the rejoin probe dial with it.
+    let server_tls = match &cfg.tls {
+        Some(tls) => {
+            muster_proto::tls::install_client(tls.client()?);
+            Some(tls.server()?)
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let peers = cfg.peer_map().unwrap_or_default();
     let join = cfg.join || rejoining(&cfg, &peers).await;
@@ -102,6 +114,8 @@ pub async fn run(
     let (handle, inbound, raft_task) = raft::start(settings, &cfg.data_dir, stop_rx.clone())?;
     let peer = PeerService::new(handle.clone(), inbound);
     let ctx = Ctx::new(handle, cfg);
+    let peer = peer.guarded(ctx.clone());
+    let auditor = tokio::spawn(crate::auth::audit_loop(ctx.clone(), stop_rx.clone()));
     let planner = tokio::spawn(crate::leader::plan_loop(ctx.clone(), stop_rx.clone()));
     let keeper = tokio::spawn(crate::leader::housekeeping_loop(
         ctx.clone(),
@@ -112,8 +126,12 @@ pub async fn run(
     ready();
     let mut grpc_stop = stop_rx.clone();
     let mut removed = ctx.raft.status();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls)?;
+    }
     let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(
                 MusterServer::new(ClientApi::new(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -128,6 +146,10 @@ pub async fn run(
                     .max_encoding_message_size(raft::transport::MAX_PEER_MESSAGE),
             )
             .add_service(AdminServer::new(AdminService::new(ctx.clone())))
+            .add_service(
+                SecurityServer::new(SecurityService::new(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(muster_proto::daemon::nodelay(listener), async move {
                 let _ = grpc_stop.changed().await;
             }),
@@ -151,7 +173,7 @@ pub async fn run(
             }
         },
     };
-    let _ = tokio::join!(planner, keeper, raft_task);
+    let _ = tokio::join!(planner, keeper, auditor, raft_task);
     tracing::info!("scheduler stopped");
     match result {
         Ok(r) => r.map_err(ServerError::from),

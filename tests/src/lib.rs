@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod tls;
+
 /// Path of a workspace binary (`muster`, `muster-scheduler`, `muster-agent`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -184,7 +186,12 @@ pub struct ClusterSpec {
     /// Use real cgroups (as root) or none.
     pub cgroups: bool,
     pub kill_grace: &'static str,
-    /// Extra top-level keys for every agent's config (e.g. `log_files = 2`).
+    /// Mutual TLS everywhere: a CA and certificates made with `muster admin
+    /// ca init` / `cert issue` in `pki/`; the CLI runs with a `user:root`
+    /// certificate (see [`Cluster::cli_config`]).
+    pub tls: bool,
+    /// Top-level keys for every agent's config; `{dir}` is the cluster's
+    /// folder and `{i}` the agent's index.
     pub agent_toml: &'static str,
 }
 
@@ -199,6 +206,7 @@ impl Default for ClusterSpec {
             gpus_per_agent: 4,
             cgroups: has_cgroup_v1(),
             kill_grace: "1s",
+            tls: false,
             agent_toml: "",
         }
     }
@@ -244,6 +252,9 @@ impl Cluster {
             id,
         };
         let n = c.sched_addrs.len();
+        if c.spec.tls {
+            c.make_pki(n)?;
+        }
         if c.spec.proxies {
             for from in 0..n {
                 for to in (0..n).filter(|t| *t != from) {
@@ -315,7 +326,7 @@ impl Cluster {
                 self.spec.snapshot_entries,
                 self.peers_toml(i, members),
                 self.spec.scheduler_toml,
-            ),
+            ) + &self.tls_toml("node", &format!("sched-{i}")),
         )?;
         Ok(())
     }
@@ -344,7 +355,11 @@ impl Cluster {
 
     /// Scheduler `i`'s own admin report (`muster admin status --json`, this member's row).
     pub fn admin_status(&self, i: usize) -> Option<Value> {
-        let out = Command::new(binary("muster"))
+        let mut cmd = Command::new(binary("muster"));
+        if let Some(cfg) = self.cli_config() {
+            cmd.arg("--config").arg(cfg);
+        }
+        let out = cmd
             .args(["--json", "--addr", &self.sched_addrs[i], "admin", "status"])
             .output()
             .ok()?;
@@ -391,6 +406,11 @@ impl Cluster {
     }
 
     fn write_agent_config(&self, i: usize) -> Result<()> {
+        let tls = self.tls_toml("agent", &self.node_name(i));
+        self.write_agent_config_with(i, &tls)
+    }
+
+    fn write_agent_config_with(&self, i: usize, tls_toml: &str) -> Result<()> {
         let lib = muster_nvml_mock::find_cdylib()
             .ok_or_else(|| anyhow!("the NVML mock library was not built"))?;
         let gpus = (0..self.spec.gpus_per_agent)
@@ -426,9 +446,12 @@ impl Cluster {
                 self.path(&format!("agent-{i}-data")).display(),
                 self.id,
                 self.spec.kill_grace,
-                self.spec.agent_toml,
+                self.spec
+                    .agent_toml
+                    .replace("{dir}", &self.dir.path().to_string_lossy())
+                    .replace("{i}", &i.to_string()),
                 lib.display()
-            ),
+            ) + tls_toml,
         )?;
         Ok(())
     }
@@ -553,8 +576,11 @@ impl Cluster {
 
     /// Run the CLI against this cluster.
     pub fn muster(&self, args: &[&str]) -> Result<Output> {
-        Command::new(binary("muster"))
-            .arg("--addr")
+        let mut cmd = Command::new(binary("muster"));
+        if let Some(cfg) = self.cli_config() {
+            cmd.arg("--config").arg(cfg);
+        }
+        cmd.arg("--addr")
             .arg(&self.addr)
             .args(args)
             .stdin(Stdio::null())
@@ -612,7 +638,7 @@ impl Cluster {
         let mut logs: Vec<String> = (0..self.schedulers.len())
             .map(|i| format!("scheduler-{i}.log"))
             .collect();
-        logs.extend((0..self.spec.agents).map(|i| format!("agent-{i}.log")));
+        logs.extend((0..self.agents.len()).map(|i| format!("agent-{i}.log")));
         for l in logs {
             let text = std::fs::read_to_string(self.path(&l)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
@@ -627,7 +653,7 @@ impl Cluster {
 
     /// Kill every task process the agents started (supervisors and tasks).
     fn kill_tasks(&self) {
-        for i in 0..self.spec.agents {
+        for i in 0..self.agents.len() {
             let tasks = self.path(&format!("agent-{i}-data/tasks"));
             let Ok(entries) = std::fs::read_dir(tasks) else {
                 continue;

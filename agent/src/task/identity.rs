@@ -2,9 +2,10 @@
 //!
 //! A root agent switches to the user (supplementary groups, gid, uid). An
 //! unprivileged agent (a laptop's `muster dev`) can only run tasks as itself
-//! and refuses jobs of other users. A job whose user is root runs only where
-//! the configuration allows it explicitly: until authentication lands, a
-//! job's user is what the client claims.
+//! and refuses jobs of other users. A job's user is the one the scheduler
+//! authenticated (a token, a client certificate, or the uid of a local
+//! caller), never a name the request claims; a job whose user is root still
+//! runs only where the configuration allows it explicitly.
 
 use nix::unistd::{Gid, Uid, User};
 use std::collections::BTreeMap;

@@ -247,6 +247,10 @@ fn job_fields(job: &JobInfo, now: i64) -> Vec<(&'static str, String)> {
     if job.borrowed {
         fields.push(("Borrowed", "yes: beyond the tenant's guarantee".to_string()));
     }
+    if job.redacted {
+        let why = "another user's job: command, environment and folders are not shown";
+        fields.push(("Summary", why.to_string()));
+    }
     fields.extend([
         ("Reason", or_dash(&job.reason)),
         ("Restarts", restarts(job, &spec)),

@@ -30,6 +30,7 @@ async fn create(ctx: &Ctx, a: TenantCreateArgs) -> anyhow::Result<()> {
         weight: a.weight,
         members: a.users,
         default_for: a.default_for,
+        admins: a.admins,
     };
     let mut scheduler = ctx.scheduler().await?;
     let t = scheduler.create_tenant(request).await?;
@@ -48,6 +49,8 @@ async fn set(ctx: &Ctx, a: TenantSetArgs) -> anyhow::Result<()> {
         add_members: a.add_users,
         remove_members: a.remove_users,
         default_for: a.default_for,
+        add_admins: a.add_admins,
+        remove_admins: a.remove_admins,
     };
     let mut scheduler = ctx.scheduler().await?;
     let t = scheduler.update_tenant(request).await?;
@@ -220,6 +223,7 @@ pub fn show_text(t: &TenantInfo) -> String {
         ),
         ("Members", list(&t.members, "anyone")),
         ("Default for", list(&t.default_for, "-")),
+        ("Admins", list(&t.admins, "-")),
     ];
     lines
         .iter()

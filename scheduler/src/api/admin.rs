@@ -47,8 +47,17 @@ impl AdminService {
 impl Admin for AdminService {
     async fn status(
         &self,
-        _req: Request<pb::AdminStatusRequest>,
+        req: Request<pb::AdminStatusRequest>,
     ) -> Result<Response<pb::AdminStatusResponse>, Status> {
+        // Members probe each other with this call: daemons are welcome too.
+        if self
+            .ctx
+            .auth
+            .daemon(&req, crate::auth::Daemon::Node)
+            .is_err()
+        {
+            self.ctx.authenticate(&req, "admin-status")?;
+        }
         let st = self.ctx.raft.status().borrow().clone();
         let digest = self.ctx.raft.state().digest();
         Ok(Response::new(pb::AdminStatusResponse {
@@ -69,7 +78,37 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ChangePeersRequest>,
     ) -> Result<Response<pb::ChangePeersResponse>, Status> {
-        let req = req.into_inner();
+        let who = self.ctx.authenticate(&req, "peers-change")?;
+        let target = format!("node {}", req.get_ref().id);
+        let audit = |outcome: String| {
+            self.ctx.auth.audit(crate::state::AuditEntry {
+                at_ms: super::now_ms(),
+                who: who.name.clone(),
+                via: who.via.clone(),
+                from: who.from.clone(),
+                action: "peers-change".into(),
+                target: target.clone(),
+                outcome,
+            })
+        };
+        if let Err(d) = crate::auth::roles::cluster_admin(&who, "changing members") {
+            audit(format!("denied: {d}"));
+            return Err(Status::permission_denied(d));
+        }
+        let r = self.change(req.into_inner()).await;
+        audit(match &r {
+            Ok(_) => "applied".into(),
+            Err(s) => format!("rejected: {}", s.message()),
+        });
+        r
+    }
+}
+
+impl AdminService {
+    async fn change(
+        &self,
+        req: pb::ChangePeersRequest,
+    ) -> Result<Response<pb::ChangePeersResponse>, Status> {
         if req.id == 0 {
             return Err(Status::invalid_argument(
                 "id: a member's Raft id is a number from 1",

@@ -47,6 +47,8 @@ impl AgentApi for AgentService {
             // Leases live in the leader's memory: agents talk to the leader.
             return Err(not_leader(&self.ctx, st.leader));
         }
+        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let caller = self.ctx.auth.daemon(&req, crate::auth::Daemon::Agent);
         let mut inbound = req.into_inner();
         let first = inbound
             .next()
@@ -59,6 +61,7 @@ impl AgentApi for AgentService {
         };
         let (node, running) = convert::registration_from_pb(&reg)?;
         let name = node.name.clone();
+        check_agent(&self.ctx, caller, &name, from)?;
         self.ctx
             .propose(Command::RegisterNode {
                 node,
@@ -84,6 +87,47 @@ impl AgentApi for AgentService {
         tokio::spawn(run_session(self.ctx.clone(), name, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// An agent may register only as itself: with TLS its certificate must be
+/// `agent:NAME` for the node it registers. Every attempt is audited.
+fn check_agent(
+    ctx: &Ctx,
+    caller: Result<String, Status>,
+    node: &str,
+    from: String,
+) -> Result<(), Status> {
+    let checked = caller.and_then(|who| {
+        let own = format!("agent:{node}");
+        if ctx.cfg.tls.is_some() && who != own {
+            return Err(Status::permission_denied(format!(
+                "permission denied: certificate {who} may not register node {node} (needs {own})"
+            )));
+        }
+        Ok(who)
+    });
+    let (who, outcome) = match &checked {
+        Ok(w) => (w.clone(), "applied".to_string()),
+        Err(s) => ("?".to_string(), format!("denied: {}", s.message())),
+    };
+    ctx.auth.audit(crate::state::AuditEntry {
+        at_ms: now_ms(),
+        via: if ctx.cfg.tls.is_some() {
+            "cert"
+        } else {
+            "local daemon"
+        }
+        .to_string(),
+        who,
+        from,
+        action: "register-node".into(),
+        target: node.to_string(),
+        outcome,
+    });
+    if let Err(s) = &checked {
+        tracing::warn!(node, error = %s.message(), "agent refused");
+    }
+    checked.map(|_| ())
 }
 
 async fn run_session(

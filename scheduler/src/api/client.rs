@@ -1,16 +1,14 @@
 //! The `Muster` client API.
 
 use super::{convert, now_ms, tenants, Ctx};
+use crate::auth::roles;
 use crate::model::{JobId, JobState};
 use crate::planner;
-use crate::state::{ApplyResult, Command};
+use crate::state::{ApplyResult, AuditEntry, Command, Principal};
 use muster_proto as pb;
 use muster_proto::muster_server::Muster;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-
-/// Longest user name accepted.
-const MAX_USER_LEN: usize = 64;
 
 /// The client service.
 pub struct ClientApi {
@@ -23,12 +21,13 @@ impl ClientApi {
         ClientApi { ctx }
     }
 
-    fn job_info(&self, id: JobId) -> Result<pb::JobInfo, Status> {
+    fn job_info(&self, who: &Principal, id: JobId) -> Result<pb::JobInfo, Status> {
         let state = self.ctx.raft.state();
         let job = state
             .jobs
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let visible = roles::can_see_job(&state, who, job);
         let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
         let policy = self.ctx.cfg.scheduling.policy();
         let position = if job.state == JobState::Pending {
@@ -47,6 +46,9 @@ impl ClientApi {
         );
         info.priority = policy.class_name(&info.priority).to_string();
         self.fill_stop(&mut info, job);
+        if !visible {
+            convert::redact(&mut info);
+        }
         Ok(info)
     }
 
@@ -69,13 +71,21 @@ impl ClientApi {
     }
 }
 
-fn check_user(user: &str) -> Result<(), Status> {
-    if user.is_empty() || user.len() > MAX_USER_LEN {
-        return Err(Status::invalid_argument(format!(
-            "user: must be 1-{MAX_USER_LEN} characters"
-        )));
+impl ClientApi {
+    /// Take a submission from `who`'s rate limit; a refusal is audited.
+    fn rate_limit(&self, who: &Principal, spec: &crate::model::JobSpec) -> Result<(), Status> {
+        self.ctx.auth.rate_limit(who).inspect_err(|s| {
+            self.ctx.auth.audit(AuditEntry {
+                at_ms: now_ms(),
+                who: who.name.clone(),
+                via: who.via.clone(),
+                from: who.from.clone(),
+                action: "submit".into(),
+                target: format!("tenant {}", spec.tenant),
+                outcome: format!("rejected: {}", s.message()),
+            })
+        })
     }
-    Ok(())
 }
 
 #[tonic::async_trait]
@@ -84,12 +94,13 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let who = self.ctx.authenticate(&req, "submit")?;
         let req = req.into_inner();
-        check_user(&req.user)?;
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec = convert::spec_from_pb(spec)?;
+        self.rate_limit(&who, &spec)?;
         self.ctx
             .cfg
             .scheduling
@@ -102,10 +113,12 @@ impl Muster for ClientApi {
         }
         let request_id = Some(req.request_id).filter(|k| !k.is_empty());
         let count = req.array.max(1);
+        // The job runs as whoever was authenticated, whatever `req.user` says.
+        let user = who.name.clone();
         let cmd = if count > 1 {
             Command::SubmitArray {
                 spec,
-                user: req.user,
+                user,
                 at_ms: now_ms(),
                 request_id,
                 count,
@@ -113,12 +126,12 @@ impl Muster for ClientApi {
         } else {
             Command::Submit {
                 spec,
-                user: req.user,
+                user,
                 at_ms: now_ms(),
                 request_id,
             }
         };
-        match self.ctx.propose(cmd).await? {
+        match self.ctx.authorized(&who, cmd).await? {
             ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0, count })),
             other => Err(Status::internal(format!(
                 "unexpected apply result {other:?}"
@@ -130,13 +143,13 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
+        let who = self.ctx.authenticate(&req, "cancel")?;
         let id = JobId(req.into_inner().id);
-        self.ctx
-            .propose(Command::Cancel {
-                job: id,
-                at_ms: now_ms(),
-            })
-            .await?;
+        let cancel = Command::Cancel {
+            job: id,
+            at_ms: now_ms(),
+        };
+        self.ctx.authorized(&who, cancel).await?;
         let state = self
             .ctx
             .raft
@@ -154,14 +167,17 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = self.ctx.authenticate(&req, "get-job")?;
         self.ctx.linearize(&req).await?;
-        self.job_info(JobId(req.into_inner().id)).map(Response::new)
+        self.job_info(&who, JobId(req.into_inner().id))
+            .map(Response::new)
     }
 
     async fn list_jobs(
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = self.ctx.authenticate(&req, "list-jobs")?;
         self.ctx.linearize(&req).await?;
         let all = req.into_inner().all;
         let state = self.ctx.raft.state();
@@ -189,8 +205,15 @@ impl Muster for ClientApi {
         }
         for j in &mut jobs {
             j.priority = policy.class_name(&j.priority).to_string();
+            let visible = state
+                .jobs
+                .get(&JobId(j.id))
+                .is_some_and(|job| roles::can_see_job(&state, &who, job));
             if let Some(job) = state.jobs.get(&JobId(j.id)) {
                 self.fill_stop(j, job);
+            }
+            if !visible {
+                convert::redact(j);
             }
         }
         Ok(Response::new(pb::ListJobsResponse { jobs }))
@@ -200,6 +223,7 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.ctx.authenticate(&req, "list-nodes")?;
         self.ctx.linearize(&req).await?;
         let state = self.ctx.raft.state();
         let leases = self.ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
@@ -222,8 +246,16 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::TenantInfo>, Status> {
+        let who = self.ctx.authenticate(&req, "tenant-create")?;
         let req = req.into_inner();
-        self.ctx.propose(tenants::create_command(&req)).await?;
+        tenants::check_request_names(&req.name, [&req.members, &req.default_for, &req.admins])?;
+        self.ctx
+            .authorized(&who, tenants::create_command(&req))
+            .await?;
+        if !req.admins.is_empty() {
+            let admins = tenants::admins_command(&req.name, &req.admins, &[]);
+            self.ctx.authorized(&who, admins).await?;
+        }
         self.tenant_info(&req.name).map(Response::new)
     }
 
@@ -231,6 +263,7 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        self.ctx.authenticate(&req, "list-tenants")?;
         self.ctx.linearize(&req).await?;
         let state = self.ctx.raft.state();
         let tenants = state
@@ -245,8 +278,24 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::TenantInfo>, Status> {
+        let who = self.ctx.authenticate(&req, "tenant-update")?;
         let req = req.into_inner();
-        self.ctx.propose(tenants::update_command(&req)).await?;
+        tenants::check_request_names(
+            &req.name,
+            [&req.add_members, &req.remove_members, &req.default_for],
+        )?;
+        tenants::check_request_names(&req.name, [&req.add_admins, &req.remove_admins, &vec![]])?;
+        let update = tenants::update_command(&req);
+        let admins_only = matches!(&update, Command::UpdateTenant { patch, .. }
+            if **patch == crate::state::TenantPatch::default())
+            && !(req.add_admins.is_empty() && req.remove_admins.is_empty());
+        if !admins_only {
+            self.ctx.authorized(&who, update).await?;
+        }
+        if !(req.add_admins.is_empty() && req.remove_admins.is_empty()) {
+            let admins = tenants::admins_command(&req.name, &req.add_admins, &req.remove_admins);
+            self.ctx.authorized(&who, admins).await?;
+        }
         self.tenant_info(&req.name).map(Response::new)
     }
 
@@ -254,8 +303,11 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        let who = self.ctx.authenticate(&req, "tenant-delete")?;
         let name = req.into_inner().name;
-        self.ctx.propose(Command::DeleteTenant { name }).await?;
+        self.ctx
+            .authorized(&who, Command::DeleteTenant { name })
+            .await?;
         Ok(Response::new(pb::DeleteTenantResponse {}))
     }
 
@@ -263,6 +315,7 @@ impl Muster for ClientApi {
         &self,
         req: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
+        let who = self.ctx.authenticate(&req, "node-drain")?;
         let req = req.into_inner();
         let reason = match (req.drain, req.reason.trim()) {
             (false, _) => None,
@@ -274,12 +327,11 @@ impl Muster for ClientApi {
             }
             (true, r) => Some(r.to_string()),
         };
-        self.ctx
-            .propose(Command::DrainNode {
-                name: req.name.clone(),
-                reason,
-            })
-            .await?;
+        let cmd = Command::DrainNode {
+            name: req.name.clone(),
+            reason,
+        };
+        self.ctx.authorized(&who, cmd).await?;
         let state = self.ctx.raft.state();
         let node = state
             .nodes
@@ -290,8 +342,9 @@ impl Muster for ClientApi {
 
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.ctx.authenticate(&req, "status")?;
         let st = self.ctx.raft.status().borrow().clone();
         let state = self.ctx.raft.state();
         let running = state

@@ -9,22 +9,9 @@ use muster_proto as pb;
 use std::collections::BTreeMap;
 use tonic::Status;
 
-/// Longest command line, environment and argument counts accepted.
-const MAX_ARGS: usize = 4096;
-const MAX_ENV: usize = 4096;
-
 /// A submitted spec, checked for shape (the state machine checks the rest).
 pub fn spec_from_pb(s: pb::JobSpec) -> Result<JobSpec, Status> {
-    if s.command.len() > MAX_ARGS {
-        return Err(Status::invalid_argument(format!(
-            "command: more than {MAX_ARGS} arguments"
-        )));
-    }
-    if s.env.len() > MAX_ENV {
-        return Err(Status::invalid_argument(format!(
-            "env: more than {MAX_ENV} variables"
-        )));
-    }
+    super::limits::check_spec(&s)?;
     for k in s.env.keys() {
         let valid = !k.is_empty()
             && !k.starts_with(|c: char| c.is_ascii_digit())
@@ -71,6 +58,22 @@ pub fn spec_from_pb(s: pb::JobSpec) -> Result<JobSpec, Status> {
             max_restarts: s.max_restarts,
         },
     })
+}
+
+/// Reduce another user's job to a queue summary: no command, environment,
+/// folders or agent addresses.
+pub fn redact(info: &mut pb::JobInfo) {
+    info.redacted = true;
+    if let Some(spec) = info.spec.as_mut() {
+        spec.command.clear();
+        spec.env.clear();
+        spec.workdir.clear();
+        spec.checkpoint_dir.clear();
+    }
+    for t in &mut info.tasks {
+        t.agent_address.clear();
+        t.message.clear();
+    }
 }
 
 /// The model spec as protobuf.
@@ -185,6 +188,7 @@ pub fn job_to_pb(state: &State, j: &Job, reason: Option<&str>, position: u32) ->
         // Filled in by the caller, which knows the cluster's grace policy.
         stop_signal: 0,
         grace_secs: 0,
+        redacted: false,
     }
 }
 

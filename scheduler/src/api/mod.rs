@@ -9,6 +9,9 @@
 //!   registration, heartbeats (kept as in-memory leases, not log entries) and
 //!   task events in; the node's full desired task set out, re-sent whenever
 //!   it changes. Agents reconcile against that set.
+//! * [`security`] serves tokens and the audit trail. Every service first
+//!   authenticates its caller ([`crate::auth`]); client writes are proposed
+//!   as `Command::Authorized` through [`Ctx::authorized`].
 
 // tonic's handlers return `Result<_, Status>`; boxing `Status` in our helpers
 // would only be undone at the trait boundary.
@@ -18,13 +21,18 @@ pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod convert;
+pub mod limits;
 pub mod peer;
+pub mod security;
 pub mod tenants;
+
+#[cfg(test)]
+mod fuzz_tests;
 
 use crate::config::SchedulerConfig;
 use crate::model::JobId;
 use crate::raft::{ProposeError, RaftHandle};
-use crate::state::{ApplyResult, Command};
+use crate::state::{ApplyResult, AuditEntry, Command, Principal};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -38,12 +46,15 @@ pub struct Ctx {
     pub verdicts: RwLock<BTreeMap<JobId, crate::planner::Verdict>>,
     /// Agent leases: node → last heard from (leader memory only).
     pub leases: Mutex<HashMap<String, Instant>>,
+    /// Authentication, the submission rate limit and the audit queue.
+    pub auth: crate::auth::Auth,
 }
 
 impl Ctx {
     /// Shared context for the services.
     pub fn new(raft: RaftHandle, cfg: SchedulerConfig) -> Arc<Ctx> {
         Arc::new(Ctx {
+            auth: crate::auth::Auth::new(&cfg),
             raft,
             cfg,
             verdicts: RwLock::new(BTreeMap::new()),
@@ -56,10 +67,41 @@ impl Ctx {
         match self.raft.propose(cmd).await {
             Ok(ApplyResult::Rejected(msg)) => Err(Status::invalid_argument(msg)),
             Ok(ApplyResult::NotFound(msg)) => Err(Status::not_found(msg)),
+            Ok(ApplyResult::Denied(msg)) => Err(Status::permission_denied(msg)),
             Ok(r) => Ok(r),
             Err(e @ ProposeError::NotLeader { .. }) => Err(Status::unavailable(e.to_string())),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
+    }
+
+    /// Who is calling (see [`crate::auth`]); `action` names the request for
+    /// the audit trail if the caller cannot be authenticated.
+    pub fn authenticate<T>(
+        &self,
+        req: &tonic::Request<T>,
+        action: &str,
+    ) -> Result<Principal, Status> {
+        let state = self.raft.state();
+        self.auth.authenticate(&state, req, action)
+    }
+
+    /// Check `who`'s right to `cmd` here, then propose it wrapped in
+    /// `Command::Authorized` (checked again and audited at apply). A denial
+    /// here is audited too.
+    pub async fn authorized(&self, who: &Principal, cmd: Command) -> Result<ApplyResult, Status> {
+        let at_ms = now_ms();
+        let denied = crate::auth::roles::check(&self.raft.state(), who, &cmd).err();
+        if let Some(d) = denied {
+            self.auth
+                .audit(AuditEntry::of(who, at_ms, &cmd, format!("denied: {d}")));
+            return Err(Status::permission_denied(d));
+        }
+        self.propose(Command::Authorized {
+            who: who.clone(),
+            at_ms,
+            cmd: Box::new(cmd),
+        })
+        .await
     }
 
     /// Make a read linearizable: wait until this node has applied everything

@@ -13,12 +13,32 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct PeerService {
     raft: RaftHandle,
     inbound: Inbound,
+    /// Checks that callers are scheduler daemons (see [`crate::auth`]).
+    ctx: Option<std::sync::Arc<super::Ctx>>,
 }
 
 impl PeerService {
     /// A service feeding `inbound` (the Raft driver) and proposing on `raft`.
     pub fn new(raft: RaftHandle, inbound: Inbound) -> PeerService {
-        PeerService { raft, inbound }
+        PeerService {
+            raft,
+            inbound,
+            ctx: None,
+        }
+    }
+
+    /// Accept only scheduler daemons as callers (a `node:` certificate, or
+    /// a local daemon without TLS).
+    pub fn guarded(mut self, ctx: std::sync::Arc<super::Ctx>) -> PeerService {
+        self.ctx = Some(ctx);
+        self
+    }
+
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match &self.ctx {
+            Some(ctx) => ctx.auth.daemon(req, crate::auth::Daemon::Node).map(|_| ()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -28,6 +48,7 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<Streaming<pb::RaftEnvelope>>,
     ) -> Result<Response<pb::PeerAck>, Status> {
+        self.check(&req)?;
         let mut stream = req.into_inner();
         while let Some(env) = stream.next().await {
             let env = env?;
@@ -49,6 +70,7 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
+        self.check(&req)?;
         let cmd = Command::decode(&req.into_inner().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
         let resp = match self.raft.propose_local(cmd).await {

@@ -41,6 +41,40 @@ pub fn update_command(req: &pb::UpdateTenantRequest) -> Command {
     }
 }
 
+/// Most names in one tenant request's member, admin or default lists.
+pub const MAX_NAMES: usize = 1000;
+
+/// Limits on the names a tenant request carries; errors name the field.
+pub fn check_request_names(tenant: &str, lists: [&Vec<String>; 3]) -> Result<(), tonic::Status> {
+    if tenant.len() > crate::planner::fit::MAX_NAME_LEN {
+        return Err(tonic::Status::invalid_argument(format!(
+            "name: longer than {} characters",
+            crate::planner::fit::MAX_NAME_LEN
+        )));
+    }
+    for list in lists {
+        if list.len() > MAX_NAMES {
+            return Err(tonic::Status::invalid_argument(format!(
+                "tenant {tenant}: more than {MAX_NAMES} user names in one request"
+            )));
+        }
+        for u in list {
+            crate::auth::roles::check_user_name(u)
+                .map_err(|e| tonic::Status::invalid_argument(format!("tenant {tenant}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// `SetTenantAdmins` from a request's lists.
+pub fn admins_command(tenant: &str, add: &[String], remove: &[String]) -> Command {
+    Command::SetTenantAdmins {
+        tenant: tenant.to_string(),
+        add: add.to_vec(),
+        remove: remove.to_vec(),
+    }
+}
+
 /// A tenant with its use, as protobuf.
 pub fn tenant_info(state: &State, t: &Tenant) -> pb::TenantInfo {
     let used = state.tenant_use(&t.name);
@@ -73,5 +107,6 @@ pub fn tenant_info(state: &State, t: &Tenant) -> pb::TenantInfo {
         fair_share_usage: state.fair_usage.get(&t.name).copied().unwrap_or(0.0),
         jobs_pending: pending,
         jobs_running: running,
+        admins: state.admins(&t.name).into_iter().collect(),
     }
 }

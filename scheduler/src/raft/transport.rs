@@ -156,7 +156,7 @@ pub type PeerClient = RaftPeerClient<tonic::transport::Channel>;
 
 /// Connect to a scheduler's gRPC endpoint with the peer limits.
 pub async fn connect(addr: &str) -> Result<PeerClient, String> {
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+    let channel = muster_proto::tls::endpoint(addr)
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)

@@ -92,6 +92,20 @@ impl State {
                 at_ms,
             } => self.gpu_failed(node, *gpu, reason, *drain, *at_ms),
             Command::DrainNode { name, reason } => self.drain_node(name, reason.as_deref()),
+            Command::Authorized { who, at_ms, cmd } => self.apply_authorized(who, *at_ms, cmd),
+            Command::Audit { entries } => {
+                for e in entries {
+                    self.record(e.clone());
+                }
+                ApplyResult::Applied
+            }
+            Command::IssueToken { token } => self.issue_token(token),
+            Command::RevokeToken { id } => self.revoke_token(id),
+            Command::SetTenantAdmins {
+                tenant,
+                add,
+                remove,
+            } => self.set_tenant_admins(tenant, add, remove),
         }
     }
 

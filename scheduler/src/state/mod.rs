@@ -17,9 +17,11 @@
 
 mod apply;
 mod lifecycle;
+mod security;
 mod tenants;
 mod usage;
 
+pub use security::{AuditEntry, Principal, TokenRecord, MAX_AUDIT};
 pub use tenants::{TenantPatch, TenantUse};
 pub use usage::NodeUsage;
 
@@ -167,6 +169,30 @@ pub enum Command {
         name: String,
         reason: Option<String>,
     },
+    // ---- security (see `security.rs`)
+    /// A client's request with the principal that made it: its rights are
+    /// checked again here, and an audit entry records the outcome.
+    Authorized {
+        who: Principal,
+        at_ms: i64,
+        cmd: Box<Command>,
+    },
+    /// Requests refused before they reached the log, for the audit trail.
+    Audit {
+        entries: Vec<AuditEntry>,
+    },
+    IssueToken {
+        token: TokenRecord,
+    },
+    RevokeToken {
+        id: String,
+    },
+    /// Add and remove admins of a tenant.
+    SetTenantAdmins {
+        tenant: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
 }
 
 impl Command {
@@ -198,6 +224,9 @@ pub enum ApplyResult {
     Rejected(String),
     /// The job does not exist; the state is unchanged.
     NotFound(String),
+    /// The principal lacks a right; names it. The state is unchanged
+    /// (but for the audit entry).
+    Denied(String),
 }
 
 /// The whole replicated state.
@@ -220,6 +249,12 @@ pub struct State {
     pub submit_key_order: std::collections::VecDeque<String>,
     /// Scheduler members' addresses, from membership changes through the log.
     pub peers: BTreeMap<u64, String>,
+    /// Security: issued tokens by id (hashes only).
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Security: tenant → its admins.
+    pub tenant_admins: BTreeMap<String, BTreeSet<String>>,
+    /// Security: the audit trail, oldest first (bounded, see `security.rs`).
+    pub audit: std::collections::VecDeque<AuditEntry>,
     /// Derived: jobs waiting to be placed, in id (submission) order.
     #[serde(skip)]
     pub pending: BTreeSet<JobId>,

@@ -1,0 +1,399 @@
+//! Authentication, roles and the audit trail.
+//!
+//! No request is taken at its word. Every RPC first finds out who is
+//! calling ([`Auth::authenticate`]), in this order:
+//!
+//! 1. a bearer token (`authorization: Bearer mst_...` metadata), looked up
+//!    by id in the replicated state and compared by SHA-256 hash in constant
+//!    time ([`token`]); a forged, expired or revoked token is refused, not
+//!    ignored;
+//! 2. a client certificate signed by the cluster CA whose common name is
+//!    `user:NAME` (mutual TLS, see `muster_proto::tls`);
+//! 3. on the scheduler's own host, the uid that owns the caller's loopback
+//!    socket ([`peer_uid`]): root there is a cluster admin, which is how
+//!    `muster dev`, bootstrapping the first token and a sysadmin's shell work.
+//!
+//! Agents and peer schedulers are daemons, not users: with TLS they must
+//! present an `agent:NAME` / `node:NAME` certificate; without TLS only a
+//! loopback caller running as root or as this scheduler's own uid is
+//! accepted, unless the configuration says `insecure = true`.
+//!
+//! What a principal may do is [`roles::check`], a pure function of the
+//! state, run here before proposing and again in `apply`. A job's user is
+//! always the authenticated name; a `user` field in a request is ignored.
+//!
+//! Every state-changing request leaves an audit entry in the replicated
+//! log: requests that reach the log record their outcome when applied
+//! (`Command::Authorized`); requests refused before (unauthenticated,
+//! denied here, rate-limited) are queued and written in batches by
+//! [`audit_loop`] (best effort: a flood beyond the queue is only logged).
+
+// Services return tonic's `Status`; boxing it here would only be undone there.
+#![allow(clippy::result_large_err)]
+
+pub mod peer_uid;
+pub mod rate;
+pub mod roles;
+pub mod token;
+
+use crate::state::{AuditEntry, Principal, State};
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+use tonic::{Request, Status};
+
+/// Denied and unauthenticated requests queued for the audit trail.
+const AUDIT_QUEUE: usize = 4096;
+/// Entries written in one log entry.
+const AUDIT_BATCH: usize = 256;
+/// Attempts to write a batch (250 ms apart) before it is only logged.
+const AUDIT_RETRIES: u32 = 40;
+
+/// Which kind of daemon a certificate must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    Agent,
+    Node,
+}
+
+impl Daemon {
+    fn prefix(self) -> &'static str {
+        match self {
+            Daemon::Agent => "agent:",
+            Daemon::Node => "node:",
+        }
+    }
+}
+
+/// What the services need to authenticate callers.
+pub struct Auth {
+    cluster_admins: BTreeSet<String>,
+    tls: bool,
+    insecure: bool,
+    own_uid: u32,
+    audit_tx: mpsc::Sender<AuditEntry>,
+    audit_rx: Mutex<Option<mpsc::Receiver<AuditEntry>>>,
+    limiter: Mutex<rate::RateLimiter>,
+}
+
+impl Auth {
+    /// From the scheduler's configuration.
+    pub fn new(cfg: &crate::config::SchedulerConfig) -> Auth {
+        let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+        Auth {
+            cluster_admins: cfg.cluster_admins.iter().cloned().collect(),
+            tls: cfg.tls.is_some(),
+            insecure: cfg.insecure,
+            own_uid: nix::unistd::Uid::effective().as_raw(),
+            audit_tx,
+            audit_rx: Mutex::new(Some(audit_rx)),
+            limiter: Mutex::new(rate::RateLimiter::new(
+                cfg.limits.submits_per_second,
+                cfg.limits.submit_burst,
+            )),
+        }
+    }
+
+    fn principal(&self, name: String, via: String, from: String) -> Principal {
+        Principal {
+            cluster_admin: name == "root" || self.cluster_admins.contains(&name),
+            name,
+            via,
+            from,
+        }
+    }
+
+    /// Who is calling, or `Unauthenticated` (and an audit entry) for `action`.
+    pub fn authenticate<T>(
+        &self,
+        state: &State,
+        req: &Request<T>,
+        action: &str,
+    ) -> Result<Principal, Status> {
+        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        match self.identify(state, req, from.clone()) {
+            Ok(p) => Ok(p),
+            Err(why) => {
+                self.audit(AuditEntry {
+                    at_ms: crate::api::now_ms(),
+                    who: "?".into(),
+                    via: "none".into(),
+                    from,
+                    action: action.to_string(),
+                    target: String::new(),
+                    outcome: format!("unauthenticated: {why}"),
+                });
+                Err(Status::unauthenticated(why))
+            }
+        }
+    }
+
+    fn identify<T>(
+        &self,
+        state: &State,
+        req: &Request<T>,
+        from: String,
+    ) -> Result<Principal, String> {
+        if let Some(user) = req.metadata().get(muster_proto::headers::ON_BEHALF_OF) {
+            return self.on_behalf(req, user, from);
+        }
+        if let Some(v) = req.metadata().get("authorization") {
+            let v = v
+                .to_str()
+                .map_err(|_| "invalid token: not text".to_string())?;
+            let t = v.strip_prefix("Bearer ").unwrap_or(v).trim();
+            let rec = token::verify(state, t, crate::api::now_ms())?;
+            return Ok(self.principal(rec.user.clone(), format!("token {}", rec.id), from));
+        }
+        if let Some(cn) = peer_cn(req) {
+            if let Some(user) = cn.strip_prefix("user:") {
+                return Ok(self.principal(user.to_string(), format!("cert {cn}"), from));
+            }
+        }
+        if let (Some(peer), Some(local)) = (req.remote_addr(), req.local_addr()) {
+            if let Some(uid) = peer_uid::uid_of(peer, local) {
+                let name = nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| format!("uid:{uid}"), |u| u.name);
+                return Ok(self.principal(name, format!("peer uid {uid}"), from));
+            }
+        }
+        Err(
+            "no credentials: present a token (muster --token-file FILE; an admin issues one \
+             with 'muster admin token issue') or a client certificate"
+                .to_string(),
+        )
+    }
+
+    /// A user of an agent's host, speaking through the agent's user socket:
+    /// believed only if the caller is an authenticated agent, and never a
+    /// cluster admin for being root there.
+    fn on_behalf<T>(
+        &self,
+        req: &Request<T>,
+        user: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        from: String,
+    ) -> Result<Principal, String> {
+        let agent = self
+            .daemon(req, Daemon::Agent)
+            .map_err(|s| format!("only an agent may speak for a local user: {}", s.message()))?;
+        let name = user
+            .to_str()
+            .map_err(|_| "on-behalf-of: not text".to_string())?
+            .to_string();
+        roles::check_user_name(&name).map_err(|e| format!("on-behalf-of: {e}"))?;
+        let uid = req
+            .metadata()
+            .get(muster_proto::headers::PEER_UID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?");
+        Ok(Principal {
+            cluster_admin: name != "root" && self.cluster_admins.contains(&name),
+            via: format!("{agent} socket uid {uid}"),
+            name,
+            from,
+        })
+    }
+
+    /// Check that a daemon of `kind` is calling; returns its name (`agent:NAME`).
+    pub fn daemon<T>(&self, req: &Request<T>, kind: Daemon) -> Result<String, Status> {
+        if self.tls {
+            return match peer_cn(req) {
+                Some(cn) if cn.starts_with(kind.prefix()) => Ok(cn),
+                other => Err(Status::permission_denied(format!(
+                    "permission denied: this scheduler needs a certificate {}NAME signed by the \
+                     cluster CA (muster admin cert issue --{} NAME); got {}",
+                    kind.prefix(),
+                    kind.prefix().trim_end_matches(':'),
+                    other.map_or("none".to_string(), |cn| format!("CN {cn}"))
+                ))),
+            };
+        }
+        if self.insecure {
+            return Ok(format!("{}insecure", kind.prefix()));
+        }
+        let uid = match (req.remote_addr(), req.local_addr()) {
+            (Some(p), Some(l)) => peer_uid::uid_of(p, l),
+            _ => None,
+        };
+        match uid {
+            Some(u) if u == 0 || u == self.own_uid => Ok(format!("{}uid-{u}", kind.prefix())),
+            _ => Err(Status::permission_denied(
+                "permission denied: without TLS only a local daemon running as root or as \
+                 the scheduler's user may connect here (configure [tls], or insecure = true)",
+            )),
+        }
+    }
+
+    /// Take a submission token for `who`, or a `ResourceExhausted` that says
+    /// when to retry. Cluster admins (operators' own tooling) are not limited.
+    pub fn rate_limit(&self, who: &Principal) -> Result<(), Status> {
+        if who.cluster_admin {
+            return Ok(());
+        }
+        let mut l = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        l.take(&who.name, std::time::Instant::now())
+            .map_err(|wait| Status::resource_exhausted(l.message(&who.name, wait)))
+    }
+
+    /// Queue an entry for the audit trail (dropped, with a warning, if the queue is full).
+    pub fn audit(&self, e: AuditEntry) {
+        if let Err(e) = self.audit_tx.try_send(e) {
+            tracing::warn!(entry = ?e, "audit queue full; entry only logged here");
+        }
+    }
+
+    /// The queue's receiving end (once, for [`audit_loop`]).
+    pub fn take_audit_queue(&self) -> Option<mpsc::Receiver<AuditEntry>> {
+        self.audit_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// The common name of the caller's TLS certificate.
+fn peer_cn<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    muster_proto::tls::common_name(certs.first()?.as_ref())
+}
+
+/// Write queued audit entries through Raft in batches until `stop`.
+pub async fn audit_loop(
+    ctx: std::sync::Arc<crate::api::Ctx>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(mut rx) = ctx.auth.take_audit_queue() else {
+        return;
+    };
+    loop {
+        let first = tokio::select! {
+            e = rx.recv() => match e { Some(e) => e, None => return },
+            _ = stop.changed() => return,
+        };
+        let mut entries = vec![first];
+        while entries.len() < AUDIT_BATCH {
+            match rx.try_recv() {
+                Ok(e) => entries.push(e),
+                Err(_) => break,
+            }
+        }
+        let cmd = crate::state::Command::Audit { entries };
+        // Through an election, keep trying for a while; then give up (logged).
+        for attempt in 1..=AUDIT_RETRIES {
+            match ctx.raft.propose(cmd.clone()).await {
+                Ok(_) => break,
+                Err(e) if attempt == AUDIT_RETRIES || *stop.borrow() => {
+                    tracing::warn!(error = %e, ?cmd, "could not write audit entries");
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
+        }
+    }
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, seconds).
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::TokenRecord;
+
+    fn auth() -> Auth {
+        let cfg = crate::config::SchedulerConfig {
+            cluster_admins: vec!["alice".into()],
+            ..Default::default()
+        };
+        Auth::new(&cfg)
+    }
+
+    fn with_token(t: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        r
+    }
+
+    #[test]
+    fn a_token_names_the_principal_and_configured_admins_are_admins() {
+        let (id, t) = token::generate().unwrap();
+        let mut s = State::new();
+        s.tokens.insert(
+            id.clone(),
+            TokenRecord {
+                id: id.clone(),
+                user: "alice".into(),
+                hash: token::hash(&t),
+                created_at_ms: 0,
+                expires_at_ms: None,
+                revoked: false,
+                created_by: "root".into(),
+            },
+        );
+        let a = auth();
+        let p = a.authenticate(&s, &with_token(&t), "x").unwrap();
+        assert_eq!((p.name.as_str(), p.cluster_admin), ("alice", true));
+        assert_eq!(p.via, format!("token {id}"));
+        // The user field of a request plays no part; a bad token is an error,
+        // not a fall-back to another identity.
+        let e = a
+            .authenticate(&s, &with_token("mst_bogus"), "x")
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // No credentials at all (no socket to look up either).
+        let e = a.authenticate(&s, &Request::new(()), "x").unwrap_err();
+        assert!(e.message().starts_with("no credentials"), "{}", e.message());
+        // Both refusals were queued for the audit trail.
+        let mut rx = a.take_audit_queue().unwrap();
+        let first = rx.try_recv().unwrap();
+        assert_eq!(first.who, "?");
+        assert!(first.outcome.starts_with("unauthenticated: invalid token"));
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn the_rate_limit_spares_cluster_admins() {
+        let a = Auth::new(&crate::config::SchedulerConfig {
+            limits: crate::config::LimitsConfig {
+                submits_per_second: 0.001,
+                submit_burst: 1,
+            },
+            ..Default::default()
+        });
+        let p = |name: &str, admin: bool| Principal {
+            name: name.into(),
+            cluster_admin: admin,
+            via: String::new(),
+            from: String::new(),
+        };
+        assert!(a.rate_limit(&p("bob", false)).is_ok());
+        let e = a.rate_limit(&p("bob", false)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().starts_with("rate limit: bob"),
+            "{}",
+            e.message()
+        );
+        for _ in 0..5 {
+            assert!(a.rate_limit(&p("root", true)).is_ok());
+        }
+    }
+
+    #[test]
+    fn daemons_need_a_local_socket_or_insecure_without_tls() {
+        let a = auth();
+        let e = a.daemon(&Request::new(()), Daemon::Agent).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let insecure = Auth::new(&crate::config::SchedulerConfig {
+            insecure: true,
+            ..Default::default()
+        });
+        assert!(insecure.daemon(&Request::new(()), Daemon::Node).is_ok());
+    }
+}
