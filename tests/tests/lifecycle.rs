@@ -446,3 +446,51 @@ fn only_a_task_can_report_a_checkpoint() {
     assert!(!unset.status.success());
     assert!(String::from_utf8_lossy(&unset.stderr).contains("MUSTER_AGENT_SOCKET"));
 }
+
+#[test]
+fn checkpoints_drain_and_leases_work_over_mutual_tls() {
+    let c = Cluster::start(ClusterSpec {
+        agents: 1,
+        tls: true,
+        ..ClusterSpec::default()
+    })
+    .expect("TLS cluster");
+    let bin = format!("MUSTER_BIN={}", muster_bin());
+    let id = c
+        .submit(&[
+            "--env",
+            &bin,
+            "--",
+            "sh",
+            "-c",
+            r#""$MUSTER_BIN" checkpoint done --step 9 && sleep 600"#,
+        ])
+        .expect("submit");
+    let job = wait_for("the checkpoint over TLS", T, || {
+        let j = c.show(id).ok()?;
+        (j["checkpoint"]["step"] == 9).then_some(j)
+    })
+    .unwrap_or_else(|e| panic!("{e}; {}", c.log_tail()));
+    let node = job["tasks"][0]["node"].as_str().expect("node").to_string();
+    // Heartbeats are acknowledged over TLS too: the lease file is kept fresh.
+    let lease = c.agent_data(0).join("lease");
+    let deadline = wait_for("a lease deadline", T, || {
+        std::fs::read_to_string(&lease)
+            .ok()?
+            .trim()
+            .parse::<i64>()
+            .ok()
+    })
+    .expect("lease");
+    assert!(
+        deadline > muster_proto::daemon::now_ms(),
+        "the lease is alive"
+    );
+    c.ok(&["node", "drain", &node, "--reason", "tls"])
+        .expect("drain");
+    let audit = c.ok(&["admin", "audit", "--since", "1h"]).expect("audit");
+    assert!(audit.contains("node-drain"), "{audit}");
+    c.ok(&["node", "resume", &node]).expect("resume");
+    c.ok(&["cancel", &id.to_string()]).expect("cancel");
+    c.wait_state(id, "cancelled", T).expect("cancelled");
+}
