@@ -68,6 +68,117 @@ pub fn nodelay(
     })
 }
 
+/// What a daemon knows of the other end of an accepted connection. tonic
+/// hands it to every request on that connection (in its extensions, inside
+/// a `TlsConnectInfo` when TLS is on): see [`PeerInfo::of`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub remote: Option<std::net::SocketAddr>,
+    pub local: Option<std::net::SocketAddr>,
+    /// For a peer on this host: the uid that owns its socket, looked up once
+    /// when the connection was accepted (not on every request).
+    pub uid: Option<u32>,
+}
+
+impl PeerInfo {
+    /// The connection a request came on, if it was accepted by [`identified`].
+    pub fn of<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
+        let ext = req.extensions();
+        ext.get::<PeerInfo>().or_else(|| {
+            ext.get::<tonic::transport::server::TlsConnectInfo<PeerInfo>>()
+                .map(|t| t.get_ref())
+        })
+    }
+
+    /// The client certificates of a TLS connection accepted by [`identified`].
+    pub fn peer_certs<T>(
+        req: &tonic::Request<T>,
+    ) -> Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
+        req.extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<PeerInfo>>()?
+            .peer_certs()
+    }
+}
+
+/// An accepted TCP connection carrying its [`PeerInfo`].
+pub struct Accepted {
+    io: tokio::net::TcpStream,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for Accepted {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for Accepted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Accepted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Like [`nodelay`], and each connection learns who is calling once, when it
+/// is accepted: `uid_of(peer, local)` for loopback callers (the scheduler
+/// reads the socket's owner from /proc/net/tcp). Doing this per request cost
+/// the scheduler most of its time under load.
+pub fn identified(
+    listener: tokio::net::TcpListener,
+    uid_of: fn(std::net::SocketAddr, std::net::SocketAddr) -> Option<u32>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Accepted>> {
+    use tokio_stream::StreamExt;
+    nodelay(listener).map(move |conn| {
+        let io = conn?;
+        let remote = io.peer_addr().ok();
+        let local = io.local_addr().ok();
+        let uid = match (remote, local) {
+            (Some(r), Some(l)) if r.ip().is_loopback() => uid_of(r, l),
+            _ => None,
+        };
+        Ok(Accepted {
+            io,
+            info: PeerInfo { remote, local, uid },
+        })
+    })
+}
+
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.
 pub async fn stop_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -82,5 +193,31 @@ pub async fn stop_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn a_connection_is_identified_once_when_accepted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(identified(listener, |peer, local| {
+            // The lookup sees the caller's own address and ours.
+            (local.port() != 0 && peer.ip().is_loopback()).then_some(4242)
+        }));
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        let info = tonic::transport::server::Connected::connect_info(&accepted);
+        assert_eq!(info.uid, Some(4242));
+        assert_eq!(info.remote, Some(client.local_addr().unwrap()));
+        assert_eq!(info.local, Some(addr));
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(info.clone());
+        assert_eq!(PeerInfo::of(&req), Some(&info));
+        assert!(PeerInfo::of(&tonic::Request::new(())).is_none());
     }
 }

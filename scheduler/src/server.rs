@@ -150,9 +150,12 @@ pub async fn run(
                 SecurityServer::new(SecurityService::new(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(muster_proto::daemon::nodelay(listener), async move {
-                let _ = grpc_stop.changed().await;
-            }),
+            .serve_with_incoming_shutdown(
+                muster_proto::daemon::identified(listener, crate::auth::peer_uid::uid_of),
+                async move {
+                    let _ = grpc_stop.changed().await;
+                },
+            ),
     );
     let early = tokio::select! {
         _ = shutdown => None,

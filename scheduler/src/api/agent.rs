@@ -47,7 +47,7 @@ impl AgentApi for AgentService {
             // Leases live in the leader's memory: agents talk to the leader.
             return Err(not_leader(&self.ctx, st.leader));
         }
-        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let from = crate::auth::remote_of(&req);
         let caller = self.ctx.auth.daemon(&req, crate::auth::Daemon::Agent);
         let mut inbound = req.into_inner();
         let first = inbound

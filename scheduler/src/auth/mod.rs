@@ -32,6 +32,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod peer_uid;
+
+use muster_proto::daemon::PeerInfo;
 pub mod rate;
 pub mod roles;
 pub mod token;
@@ -110,7 +112,7 @@ impl Auth {
         req: &Request<T>,
         action: &str,
     ) -> Result<Principal, Status> {
-        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let from = remote_of(req);
         match self.identify(state, req, from.clone()) {
             Ok(p) => Ok(p),
             Err(why) => {
@@ -150,14 +152,13 @@ impl Auth {
                 return Ok(self.principal(user.to_string(), format!("cert {cn}"), from));
             }
         }
-        if let (Some(peer), Some(local)) = (req.remote_addr(), req.local_addr()) {
-            if let Some(uid) = peer_uid::uid_of(peer, local) {
-                let name = nix::unistd::User::from_uid(uid.into())
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| format!("uid:{uid}"), |u| u.name);
-                return Ok(self.principal(name, format!("peer uid {uid}"), from));
-            }
+        // Looked up once per connection, when it was accepted.
+        if let Some(uid) = PeerInfo::of(req).and_then(|p| p.uid) {
+            let name = nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid:{uid}"), |u| u.name);
+            return Ok(self.principal(name, format!("peer uid {uid}"), from));
         }
         Err(
             "no credentials: present a token (muster --token-file FILE; an admin issues one \
@@ -213,10 +214,7 @@ impl Auth {
         if self.insecure {
             return Ok(format!("{}insecure", kind.prefix()));
         }
-        let uid = match (req.remote_addr(), req.local_addr()) {
-            (Some(p), Some(l)) => peer_uid::uid_of(p, l),
-            _ => None,
-        };
+        let uid = PeerInfo::of(req).and_then(|p| p.uid);
         match uid {
             Some(u) if u == 0 || u == self.own_uid => Ok(format!("{}uid-{u}", kind.prefix())),
             _ => Err(Status::permission_denied(
@@ -255,8 +253,17 @@ impl Auth {
 
 /// The common name of the caller's TLS certificate.
 fn peer_cn<T>(req: &Request<T>) -> Option<String> {
-    let certs = req.peer_certs()?;
+    let certs = PeerInfo::peer_certs(req).or_else(|| req.peer_certs())?;
     muster_proto::tls::common_name(certs.first()?.as_ref())
+}
+
+/// The caller's address, for the audit trail.
+pub fn remote_of<T>(req: &Request<T>) -> String {
+    PeerInfo::of(req)
+        .and_then(|p| p.remote)
+        .or_else(|| req.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 /// Write queued audit entries through Raft in batches until `stop`.

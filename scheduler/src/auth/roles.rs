@@ -139,13 +139,22 @@ pub fn check(state: &State, who: &Principal, cmd: &Command) -> Result<(), String
     }
 }
 
+/// `tenant ml/nlp`, or the default one when the job named none.
+fn tenant_of(spec: &crate::model::JobSpec) -> String {
+    if spec.tenant.is_empty() {
+        "the user's default tenant".to_string()
+    } else {
+        format!("tenant {}", spec.tenant)
+    }
+}
+
 /// What a command does and to what, for the audit trail.
 pub fn describe(cmd: &Command) -> (&'static str, String) {
     match cmd {
-        Command::Submit { spec, .. } => ("submit", format!("tenant {}", spec.tenant)),
+        Command::Submit { spec, .. } => ("submit", tenant_of(spec)),
         Command::SubmitArray { spec, count, .. } => (
             "submit-array",
-            format!("tenant {} ({count} jobs)", spec.tenant),
+            format!("{} ({count} jobs)", tenant_of(spec)),
         ),
         Command::Cancel { job, .. } => ("cancel", format!("job {job}")),
         Command::CreateTenant { tenant, .. } => ("tenant-create", tenant.name.clone()),
