@@ -84,6 +84,8 @@ pub struct Spec {
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: String,
+    /// As the tasks get it (`MUSTER_CHECKPOINT_DIR`): the job's own, or the
+    /// scheduler's `<checkpoint_root>/<id>`; `null` for another user's job.
     pub checkpoint_dir: Option<String>,
     /// As asked (`null`: the default).
     pub signal: Option<i32>,

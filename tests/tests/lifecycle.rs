@@ -107,6 +107,8 @@ while true; do sleep 0.1; done
     let shown = c.show(low).expect("show");
     assert_eq!(shown["checkpoint"]["step"], 3, "{shown}");
     assert_eq!(shown["stop_signal_name"], "SIGUSR1", "{shown}");
+    let dir = c.path(&format!("checkpoints/{low}")).display().to_string();
+    assert_eq!(shown["spec"]["checkpoint_dir"], dir.as_str(), "{shown}");
     let done = c.wait_state(low, "completed", T).expect("low resumed");
     assert_eq!(done["restart_count"], 1, "{done}");
     assert_eq!(done["failures"], 0, "a preemption is not a failure: {done}");

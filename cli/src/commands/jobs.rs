@@ -334,13 +334,13 @@ fn task_table(job: &JobInfo, now: i64) -> Table {
     table
 }
 
-/// The job's checkpoint directory: as asked, or as its tasks were told.
+/// The job's checkpoint directory, as its tasks are told (the scheduler
+/// fills in its default); hidden for another user's job.
 fn checkpoint_dir(job: &JobInfo, spec: &muster_proto::JobSpec) -> String {
-    if !spec.checkpoint_dir.is_empty() {
-        return spec.checkpoint_dir.clone();
+    if job.redacted {
+        return "-".to_string();
     }
-    // The scheduler's default, <checkpoint_root>/<id>; say so.
-    format!("the scheduler's checkpoint_root/{}", job.id)
+    or_dash(&spec.checkpoint_dir)
 }
 
 /// Everything `muster show` prints.

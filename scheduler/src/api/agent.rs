@@ -298,6 +298,16 @@ fn host_of(node: Option<&Node>) -> String {
     }
 }
 
+/// The job's checkpoint directory: its own, or `<checkpoint_root>/<id>`.
+pub fn checkpoint_dir_of(job: &Job, checkpoint_root: &std::path::Path) -> String {
+    job.spec.checkpoint_dir.clone().unwrap_or_else(|| {
+        checkpoint_root
+            .join(job.id.0.to_string())
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
 fn assignment(
     state: &State,
     job: &Job,
@@ -328,12 +338,7 @@ fn assignment(
     }
     let node_rank = nodes_in_order.iter().position(|n| n == node).unwrap_or(0);
     let master = host_of(state.nodes.get(&alloc.tasks[0].placement.node));
-    let checkpoint_dir = job.spec.checkpoint_dir.clone().unwrap_or_else(|| {
-        checkpoint_root
-            .join(job.id.0.to_string())
-            .to_string_lossy()
-            .into_owned()
-    });
+    let checkpoint_dir = checkpoint_dir_of(job, checkpoint_root);
     let mut env: BTreeMap<String, String> = job.spec.env.clone();
     let pairs = [
         ("RANK", index.to_string()),

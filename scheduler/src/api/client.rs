@@ -52,11 +52,16 @@ impl ClientApi {
         Ok(info)
     }
 
-    /// The effective stop signal and grace, which depend on cluster policy.
+    /// What depends on this scheduler's config: the effective stop signal
+    /// and grace, and the checkpoint directory the job's tasks are given.
     fn fill_stop(&self, info: &mut pb::JobInfo, job: &crate::model::Job) {
         let (sig, grace) = self.ctx.cfg.scheduling.stop_of(&job.spec.lifecycle);
         info.stop_signal = sig;
         info.grace_secs = grace.as_secs();
+        if let Some(spec) = info.spec.as_mut() {
+            spec.checkpoint_dir =
+                super::agent::checkpoint_dir_of(job, &self.ctx.cfg.checkpoint_root);
+        }
     }
 }
 
