@@ -212,18 +212,7 @@ impl AgentConfig {
                 return Err("key `task_socket`: path longer than 107 bytes".into());
             }
         }
-        match &self.tls {
-            Some(tls) => tls.check()?,
-            None if !self.insecure && !muster_proto::tls::is_loopback(&self.listen) => {
-                return Err(format!(
-                    "key `listen`: {} is not a loopback address; serving it without TLS needs a \
-                     [tls] table (see 'muster admin cert issue --agent') or insecure = true",
-                    self.listen
-                ))
-            }
-            None => {}
-        }
-        Ok(())
+        muster_proto::tls::check_listen(self.tls.as_ref(), self.insecure, &self.listen, "agent")
     }
 
     /// The task socket's path: configured, or `<data_dir>/task.sock`.

@@ -139,7 +139,7 @@ pub async fn run(
         allow_root_jobs: cfg.allow_root_jobs,
         kill_grace: cfg.kill_grace,
         lease_file: lease_file.clone(),
-        task_socket: Some(task_socket.clone()),
+        task_socket: task_socket.clone(),
         log_max_bytes: cfg.log_max_bytes,
         log_files: cfg.log_files,
     };

@@ -130,9 +130,23 @@ pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     }
 }
 
-/// Whether `addr` is a loopback address (where a daemon may serve without TLS).
-pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
-    addr.ip().is_loopback()
+/// The daemons' rule for `listen`: check the `[tls]` files if there are
+/// any; without them serve only on loopback unless `insecure = true`.
+/// `cert_kind` (`node`, `agent`) names the certificate the fix needs.
+pub fn check_listen(
+    tls: Option<&TlsFiles>,
+    insecure: bool,
+    listen: &std::net::SocketAddr,
+    cert_kind: &str,
+) -> Result<(), String> {
+    match tls {
+        Some(tls) => tls.check(),
+        None if !insecure && !listen.ip().is_loopback() => Err(format!(
+            "key `listen`: {listen} is not a loopback address; serving it without TLS needs a \
+             [tls] table (see 'muster admin cert issue --{cert_kind}') or insecure = true"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The subject common name of a DER certificate (`agent:node-0`), if any.
@@ -210,10 +224,13 @@ mod tests {
     }
 
     #[test]
-    fn loopback_is_recognised() {
-        assert!(is_loopback(&"127.0.0.1:1".parse().unwrap()));
-        assert!(is_loopback(&"[::1]:1".parse().unwrap()));
-        assert!(!is_loopback(&"0.0.0.0:1".parse().unwrap()));
-        assert!(!is_loopback(&"10.0.0.1:1".parse().unwrap()));
+    fn plain_serving_is_for_loopback_only() {
+        let ok = |a: &str, insecure| check_listen(None, insecure, &a.parse().unwrap(), "node");
+        assert!(ok("127.0.0.1:1", false).is_ok());
+        assert!(ok("[::1]:1", false).is_ok());
+        assert!(ok("10.0.0.1:1", true).is_ok());
+        let e = ok("0.0.0.0:1", false).unwrap_err();
+        assert!(e.contains("key `listen`") && e.contains("--node"), "{e}");
+        assert!(!e.contains("  "), "one line, no run of spaces: {e}");
     }
 }

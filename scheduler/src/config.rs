@@ -213,16 +213,7 @@ impl SchedulerConfig {
     }
 
     fn validate_security(&self) -> Result<(), String> {
-        match &self.tls {
-            Some(tls) => tls.check()?,
-            None if !self.insecure && !self.listen.ip().is_loopback() => {
-                return Err(format!(
-                    "key `listen`: {} is not a loopback address; serving it without TLS needs a                      [tls] table (see 'muster admin cert issue --node') or insecure = true",
-                    self.listen
-                ))
-            }
-            None => {}
-        }
+        muster_proto::tls::check_listen(self.tls.as_ref(), self.insecure, &self.listen, "node")?;
         let rate = self.limits.submits_per_second;
         if rate.is_nan() || rate <= 0.0 {
             return Err("key `limits.submits_per_second`: must be greater than 0".into());

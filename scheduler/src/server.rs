@@ -112,9 +112,8 @@ pub async fn run(
         snapshot_entries: cfg.snapshot_entries,
     };
     let (handle, inbound, raft_task) = raft::start(settings, &cfg.data_dir, stop_rx.clone())?;
-    let peer = PeerService::new(handle.clone(), inbound);
-    let ctx = Ctx::new(handle, cfg);
-    let peer = peer.guarded(ctx.clone());
+    let ctx = Ctx::new(handle.clone(), cfg);
+    let peer = PeerService::new(handle, inbound, ctx.clone());
     let auditor = tokio::spawn(crate::auth::audit_loop(ctx.clone(), stop_rx.clone()));
     let planner = tokio::spawn(crate::leader::plan_loop(ctx.clone(), stop_rx.clone()));
     let keeper = tokio::spawn(crate::leader::housekeeping_loop(

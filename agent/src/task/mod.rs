@@ -92,6 +92,26 @@ struct Local {
     checkpointed: Arc<tokio::sync::Notify>,
 }
 
+impl Local {
+    /// A task in `phase`, with nothing reported yet.
+    fn new(
+        meta: TaskMeta,
+        phase: Phase,
+        pid: Option<u32>,
+        reaped: Arc<tokio::sync::Notify>,
+    ) -> Local {
+        Local {
+            reaped,
+            meta,
+            phase,
+            pid,
+            exit: None,
+            exit_reported: false,
+            checkpointed: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
 /// Settings the runtime needs from the agent's configuration.
 #[derive(Debug, Clone)]
 pub struct RuntimeSettings {
@@ -103,7 +123,7 @@ pub struct RuntimeSettings {
     /// The lease file the shims watch; `None`: self-fencing off.
     pub lease_file: Option<PathBuf>,
     /// The socket tasks reach the agent on (`MUSTER_AGENT_SOCKET`).
-    pub task_socket: Option<PathBuf>,
+    pub task_socket: PathBuf,
     pub log_max_bytes: u64,
     pub log_files: u32,
 }
@@ -290,18 +310,9 @@ impl Runtime {
         let reaped = Arc::new(tokio::sync::Notify::new());
         match self.launch(key, a, reaped.clone()) {
             Ok(meta) => {
-                self.lock().tasks.insert(
-                    key,
-                    Local {
-                        reaped,
-                        meta,
-                        phase: Phase::Starting,
-                        pid: None,
-                        exit: None,
-                        exit_reported: false,
-                        checkpointed: Arc::new(tokio::sync::Notify::new()),
-                    },
-                );
+                self.lock()
+                    .tasks
+                    .insert(key, Local::new(meta, Phase::Starting, None, reaped));
                 tracing::info!(task = %key, "task starting");
                 let rt = self.clone();
                 tokio::spawn(async move { rt.supervise(key).await });
@@ -314,26 +325,18 @@ impl Runtime {
                     oom_killed: false,
                     message,
                 };
-                self.lock().tasks.insert(
+                let meta = TaskMeta {
                     key,
-                    Local {
-                        reaped,
-                        meta: TaskMeta {
-                            key,
-                            gpus: vec![],
-                            cgroup: None,
-                            shim_pid: 0,
-                            stop_signal: 0,
-                            grace_ms: 0,
-                            kill_on_checkpoint: false,
-                        },
-                        phase: Phase::Exited,
-                        pid: None,
-                        exit: Some(exit.clone()),
-                        exit_reported: false,
-                        checkpointed: Arc::new(tokio::sync::Notify::new()),
-                    },
-                );
+                    gpus: vec![],
+                    cgroup: None,
+                    shim_pid: 0,
+                    stop_signal: 0,
+                    grace_ms: 0,
+                    kill_on_checkpoint: false,
+                };
+                let mut local = Local::new(meta, Phase::Exited, None, reaped);
+                local.exit = Some(exit.clone());
+                self.lock().tasks.insert(key, local);
                 let _ = self.events.send(Event::Exited { key, exit });
             }
         }
@@ -384,12 +387,10 @@ impl Runtime {
         env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
         env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
         env.insert("MUSTER_GPUS".into(), visible);
-        if let Some(sock) = &self.settings.task_socket {
-            env.insert(
-                "MUSTER_AGENT_SOCKET".into(),
-                sock.to_string_lossy().into_owned(),
-            );
-        }
+        env.insert(
+            "MUSTER_AGENT_SOCKET".into(),
+            self.settings.task_socket.to_string_lossy().into_owned(),
+        );
         let workdir = if a.workdir.is_empty() {
             who.home.clone()
         } else {
@@ -581,15 +582,7 @@ impl Runtime {
             };
             self.lock().tasks.insert(
                 key,
-                Local {
-                    reaped: Arc::new(tokio::sync::Notify::new()),
-                    meta,
-                    phase,
-                    pid,
-                    exit: None,
-                    exit_reported: false,
-                    checkpointed: Arc::new(tokio::sync::Notify::new()),
-                },
+                Local::new(meta, phase, pid, Arc::new(tokio::sync::Notify::new())),
             );
             tracing::info!(task = %key, ?pid, "adopted task from a previous agent");
             let rt = self.clone();

@@ -81,15 +81,14 @@ impl Admin for AdminService {
         let who = self.ctx.authenticate(&req, "peers-change")?;
         let target = format!("node {}", req.get_ref().id);
         let audit = |outcome: String| {
-            self.ctx.auth.audit(crate::state::AuditEntry {
-                at_ms: super::now_ms(),
-                who: who.name.clone(),
-                via: who.via.clone(),
-                from: who.from.clone(),
-                action: "peers-change".into(),
-                target: target.clone(),
+            let e = crate::state::AuditEntry::by(
+                &who,
+                super::now_ms(),
+                "peers-change",
+                target.clone(),
                 outcome,
-            })
+            );
+            self.ctx.auth.audit(e)
         };
         if let Err(d) = crate::auth::roles::cluster_admin(&who, "changing members") {
             audit(format!("denied: {d}"));

@@ -27,7 +27,6 @@ impl ClientApi {
             .jobs
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-        let visible = roles::can_see_job(&state, who, job);
         let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
         let policy = self.ctx.cfg.scheduling.policy();
         let position = if job.state == JobState::Pending {
@@ -38,30 +37,36 @@ impl ClientApi {
         } else {
             0
         };
-        let mut info = convert::job_to_pb(
-            &state,
-            job,
-            verdicts.get(&id).map(|v| v.to_string()).as_deref(),
-            position,
-        );
-        info.priority = policy.class_name(&info.priority).to_string();
-        self.fill_stop(&mut info, job);
-        if !visible {
-            convert::redact(&mut info);
-        }
-        Ok(info)
+        let reason = verdicts.get(&id).map(|v| v.to_string());
+        Ok(self.present(&state, who, job, reason.as_deref(), position))
     }
 
-    /// What depends on this scheduler's config: the effective stop signal
-    /// and grace, and the checkpoint directory the job's tasks are given.
-    fn fill_stop(&self, info: &mut pb::JobInfo, job: &crate::model::Job) {
-        let (sig, grace) = self.ctx.cfg.scheduling.stop_of(&job.spec.lifecycle);
+    /// A job as `who` may see it, with what depends on this scheduler's
+    /// config: the class name, the effective stop signal and grace, and the
+    /// checkpoint directory the tasks are given. Another user's job is
+    /// redacted.
+    fn present(
+        &self,
+        state: &crate::state::State,
+        who: &Principal,
+        job: &crate::model::Job,
+        reason: Option<&str>,
+        position: u32,
+    ) -> pb::JobInfo {
+        let mut info = convert::job_to_pb(state, job, reason, position);
+        let sched = &self.ctx.cfg.scheduling;
+        info.priority = sched.policy().class_name(&info.priority).to_string();
+        let (sig, grace) = sched.stop_of(&job.spec.lifecycle);
         info.stop_signal = sig;
         info.grace_secs = grace.as_secs();
         if let Some(spec) = info.spec.as_mut() {
             spec.checkpoint_dir =
                 super::agent::checkpoint_dir_of(job, &self.ctx.cfg.checkpoint_root);
         }
+        if !roles::can_see_job(state, who, job) {
+            convert::redact(&mut info);
+        }
+        info
     }
 }
 
@@ -78,17 +83,12 @@ impl ClientApi {
 
 impl ClientApi {
     /// Take a submission from `who`'s rate limit; a refusal is audited.
-    fn rate_limit(&self, who: &Principal, spec: &crate::model::JobSpec) -> Result<(), Status> {
+    fn rate_limit(&self, who: &Principal, cmd: &Command) -> Result<(), Status> {
         self.ctx.auth.rate_limit(who).inspect_err(|s| {
-            self.ctx.auth.audit(AuditEntry {
-                at_ms: now_ms(),
-                who: who.name.clone(),
-                via: who.via.clone(),
-                from: who.from.clone(),
-                action: "submit".into(),
-                target: format!("tenant {}", spec.tenant),
-                outcome: format!("rejected: {}", s.message()),
-            })
+            let outcome = format!("rejected: {}", s.message());
+            self.ctx
+                .auth
+                .audit(AuditEntry::of(who, now_ms(), cmd, outcome))
         })
     }
 }
@@ -105,7 +105,6 @@ impl Muster for ClientApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec = convert::spec_from_pb(spec)?;
-        self.rate_limit(&who, &spec)?;
         self.ctx
             .cfg
             .scheduling
@@ -136,6 +135,7 @@ impl Muster for ClientApi {
                 request_id,
             }
         };
+        self.rate_limit(&who, &cmd)?;
         match self.ctx.authorized(&who, cmd).await? {
             ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0, count })),
             other => Err(Status::internal(format!(
@@ -195,30 +195,12 @@ impl Muster for ClientApi {
         {
             if let Some(j) = state.jobs.get(&id) {
                 let reason = verdicts.get(&id).map(|v| v.to_string());
-                jobs.push(convert::job_to_pb(
-                    &state,
-                    j,
-                    reason.as_deref(),
-                    pos as u32 + 1,
-                ));
+                jobs.push(self.present(&state, &who, j, reason.as_deref(), pos as u32 + 1));
             }
         }
         for j in state.jobs.values() {
             if j.state != JobState::Pending && (all || !j.state.is_terminal()) {
-                jobs.push(convert::job_to_pb(&state, j, None, 0));
-            }
-        }
-        for j in &mut jobs {
-            j.priority = policy.class_name(&j.priority).to_string();
-            let visible = state
-                .jobs
-                .get(&JobId(j.id))
-                .is_some_and(|job| roles::can_see_job(&state, &who, job));
-            if let Some(job) = state.jobs.get(&JobId(j.id)) {
-                self.fill_stop(j, job);
-            }
-            if !visible {
-                convert::redact(j);
+                jobs.push(self.present(&state, &who, j, None, 0));
             }
         }
         Ok(Response::new(pb::ListJobsResponse { jobs }))

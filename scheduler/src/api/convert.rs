@@ -185,7 +185,7 @@ pub fn job_to_pb(state: &State, j: &Job, reason: Option<&str>, position: u32) ->
         checkpoint_step: j.last_checkpoint.as_ref().and_then(|c| c.step),
         checkpoint_task: j.last_checkpoint.as_ref().map_or(0, |c| c.task),
         failures: j.failures,
-        // Filled in by the caller, which knows the cluster's grace policy.
+        // Filled in by `ClientApi::present`, which knows the cluster's policy.
         stop_signal: 0,
         grace_secs: 0,
         redacted: false,

@@ -9,36 +9,25 @@ use protobuf::Message as _;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-/// The peer service.
+/// The peer service. Only scheduler daemons may call it (a `node:`
+/// certificate, or a local daemon without TLS; see [`crate::auth`]).
 pub struct PeerService {
     raft: RaftHandle,
     inbound: Inbound,
-    /// Checks that callers are scheduler daemons (see [`crate::auth`]).
-    ctx: Option<std::sync::Arc<super::Ctx>>,
+    ctx: std::sync::Arc<super::Ctx>,
 }
 
 impl PeerService {
     /// A service feeding `inbound` (the Raft driver) and proposing on `raft`.
-    pub fn new(raft: RaftHandle, inbound: Inbound) -> PeerService {
-        PeerService {
-            raft,
-            inbound,
-            ctx: None,
-        }
-    }
-
-    /// Accept only scheduler daemons as callers (a `node:` certificate, or
-    /// a local daemon without TLS).
-    pub fn guarded(mut self, ctx: std::sync::Arc<super::Ctx>) -> PeerService {
-        self.ctx = Some(ctx);
-        self
+    pub fn new(raft: RaftHandle, inbound: Inbound, ctx: std::sync::Arc<super::Ctx>) -> PeerService {
+        PeerService { raft, inbound, ctx }
     }
 
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match &self.ctx {
-            Some(ctx) => ctx.auth.daemon(req, crate::auth::Daemon::Node).map(|_| ()),
-            None => Ok(()),
-        }
+        self.ctx
+            .auth
+            .daemon(req, crate::auth::Daemon::Node)
+            .map(|_| ())
     }
 }
 

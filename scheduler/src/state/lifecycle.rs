@@ -34,8 +34,8 @@ impl State {
         }
         job.state = JobState::Requeued;
         self.release_unstarted(id, at_ms);
+        // Indexes the job when every task has stopped; until then it holds.
         self.requeue_if_stopped(id);
-        self.index_job(id);
     }
 
     /// Record a finished checkpoint of a live task of the current allocation.

@@ -65,6 +65,18 @@ impl AuditEntry {
     /// An entry for `who` doing `cmd`, with `outcome`.
     pub fn of(who: &Principal, at_ms: i64, cmd: &Command, outcome: String) -> AuditEntry {
         let (action, target) = roles::describe(cmd);
+        AuditEntry::by(who, at_ms, action, target, outcome)
+    }
+
+    /// An entry for `who` doing something that is not a command (a
+    /// membership change).
+    pub fn by(
+        who: &Principal,
+        at_ms: i64,
+        action: &str,
+        target: String,
+        outcome: String,
+    ) -> AuditEntry {
         AuditEntry {
             at_ms,
             who: who.name.clone(),
