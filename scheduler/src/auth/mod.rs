@@ -39,8 +39,9 @@ pub mod roles;
 pub mod token;
 
 use crate::state::{AuditEntry, Principal, State};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Request, Status};
 
@@ -76,7 +77,13 @@ pub struct Auth {
     audit_tx: mpsc::Sender<AuditEntry>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEntry>>>,
     limiter: Mutex<rate::RateLimiter>,
+    /// Account names of loopback callers' uids, looked up at most once a
+    /// [`NAME_TTL`] (each lookup reads the password database).
+    names: Mutex<HashMap<u32, (String, Instant)>>,
 }
+
+/// How long a uid's account name is believed before it is looked up again.
+const NAME_TTL: Duration = Duration::from_secs(30);
 
 impl Auth {
     /// From the scheduler's configuration.
@@ -93,6 +100,7 @@ impl Auth {
                 cfg.limits.submits_per_second,
                 cfg.limits.submit_burst,
             )),
+            names: Mutex::new(HashMap::new()),
         }
     }
 
@@ -154,10 +162,7 @@ impl Auth {
         }
         // Looked up once per connection, when it was accepted.
         if let Some(uid) = PeerInfo::of(req).and_then(|p| p.uid) {
-            let name = nix::unistd::User::from_uid(uid.into())
-                .ok()
-                .flatten()
-                .map_or_else(|| format!("uid:{uid}"), |u| u.name);
+            let name = self.account_name(uid);
             return Ok(self.principal(name, format!("peer uid {uid}"), from));
         }
         Err(
@@ -165,6 +170,28 @@ impl Auth {
              with 'muster admin token issue') or a client certificate"
                 .to_string(),
         )
+    }
+
+    /// The account name of `uid` (`uid:N` when it has none), from a cache
+    /// renewed every [`NAME_TTL`].
+    fn account_name(&self, uid: u32) -> String {
+        let names = || self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((name, at)) = names().get(&uid) {
+            if at.elapsed() < NAME_TTL {
+                return name.clone();
+            }
+        }
+        // Not under the lock: the password database may be slow (NSS).
+        let name = nix::unistd::User::from_uid(uid.into())
+            .ok()
+            .flatten()
+            .map_or_else(|| format!("uid:{uid}"), |u| u.name);
+        let mut names = names();
+        if names.len() > 4096 {
+            names.clear();
+        }
+        names.insert(uid, (name.clone(), Instant::now()));
+        name
     }
 
     /// A user of an agent's host, speaking through the agent's user socket:

@@ -2,10 +2,11 @@
 //! propose (forwarding to the leader from a follower), read barriers,
 //! membership changes, and read access to the applied state.
 
-use super::transport::{self, Transport};
+use super::forward::Forwarder;
+use super::transport::Transport;
 use super::{PeerChange, ProposeError, RaftStatus, Request};
 use crate::state::{ApplyResult, Command, State};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -13,8 +14,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// A cheap handle to the running driver.
 #[derive(Clone)]
 pub struct RaftHandle {
-    /// Connections to leaders proposals were forwarded to, reused.
-    pub(super) forwards: Arc<std::sync::Mutex<HashMap<u64, transport::PeerClient>>>,
+    /// The stream that forwards proposals to the current leader, reused.
+    pub(super) forwards: Arc<std::sync::Mutex<Option<(u64, Forwarder)>>>,
     pub(super) tx: mpsc::Sender<Request>,
     pub(super) state: Arc<RwLock<State>>,
     pub(super) status: watch::Receiver<RaftStatus>,
@@ -26,91 +27,65 @@ impl RaftHandle {
     /// Propose a command and wait until it is committed and applied. On a
     /// follower the command is forwarded to the leader.
     pub async fn propose(&self, cmd: Command) -> Result<ApplyResult, ProposeError> {
-        let (reply, rx) = oneshot::channel();
-        let local = async {
-            self.tx
-                .send(Request::Propose {
-                    cmd: Box::new(cmd.clone()),
-                    reply,
-                })
-                .await
-                .map_err(|_| ProposeError::Stopped)?;
-            rx.await.map_err(|_| ProposeError::Stopped)?
+        let data = cmd.encode();
+        let (id, leader, is_leader) = {
+            let st = self.status.borrow();
+            (st.id, st.leader, st.is_leader)
         };
-        let r = tokio::time::timeout(self.timeout, local)
-            .await
-            .unwrap_or(Err(ProposeError::Timeout(self.timeout)));
-        match r {
-            Err(ProposeError::NotLeader {
-                leader: Some(leader),
-            }) if leader != self.id() => self.forward(leader, cmd).await,
-            other => other,
-        }
-    }
-
-    async fn forward(&self, leader: u64, cmd: Command) -> Result<ApplyResult, ProposeError> {
-        let fail = |message: String| ProposeError::Forward { leader, message };
-        let addr = self
-            .transport
-            .book()
-            .get(leader)
-            .ok_or_else(|| fail("no address known".into()))?;
-        let cached = self
-            .forwards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&leader)
-            .cloned();
         let call = async {
-            let mut client = match cached {
-                Some(c) => c,
-                None => {
-                    let c = transport::connect(&addr).await.map_err(fail)?;
-                    self.forwards
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(leader, c.clone());
-                    c
-                }
-            };
-            let resp = client
-                .propose(muster_proto::ProposeRequest {
-                    command: cmd.encode(),
-                })
-                .await
-                .map_err(|s| {
-                    // Drop a broken connection; the next forward reconnects.
-                    self.forwards
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&leader);
-                    fail(s.message().to_string())
-                })?
-                .into_inner();
-            if !resp.error.is_empty() {
-                return Err(fail(resp.error));
+            if !is_leader && leader != 0 && leader != id {
+                return self.forward(leader, data).await;
             }
-            bincode::deserialize(&resp.result).map_err(|e| fail(e.to_string()))
+            match self.local(data.clone()).await {
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != id => self.forward(leader, data).await,
+                other => other,
+            }
         };
         tokio::time::timeout(self.timeout, call)
             .await
             .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
     }
 
-    /// Propose on this node only (the leader's side of a forwarded proposal).
-    pub async fn propose_local(&self, cmd: Command) -> Result<ApplyResult, ProposeError> {
+    /// Hand an encoded command to this node's driver and wait for its fate.
+    async fn local(&self, data: Vec<u8>) -> Result<ApplyResult, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        let local = async {
-            self.tx
-                .send(Request::Propose {
-                    cmd: Box::new(cmd),
-                    reply,
-                })
-                .await
-                .map_err(|_| ProposeError::Stopped)?;
-            rx.await.map_err(|_| ProposeError::Stopped)?
-        };
-        tokio::time::timeout(self.timeout, local)
+        self.tx
+            .send(Request::Propose { data, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    async fn forward(&self, leader: u64, data: Vec<u8>) -> Result<ApplyResult, ProposeError> {
+        let forwarder =
+            {
+                let mut current = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+                match &*current {
+                    Some((to, f)) if *to == leader && !f.is_closed() => f.clone(),
+                    _ => {
+                        let addr = self.transport.book().get(leader).ok_or_else(|| {
+                            ProposeError::Forward {
+                                leader,
+                                message: "no address known".into(),
+                            }
+                        })?;
+                        // Replacing the previous leader's forwarder lets it finish
+                        // what it carries and end.
+                        let f = Forwarder::start(leader, addr);
+                        *current = Some((leader, f.clone()));
+                        f
+                    }
+                }
+            };
+        forwarder.propose(leader, data).await
+    }
+
+    /// Propose on this node only (the leader's side of a forwarded proposal):
+    /// `data` is an encoded command.
+    pub async fn propose_local(&self, data: Vec<u8>) -> Result<ApplyResult, ProposeError> {
+        tokio::time::timeout(self.timeout, self.local(data))
             .await
             .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
     }

@@ -13,6 +13,7 @@
 //! the log before the snapshot is compacted away. On restart the driver loads
 //! the snapshot and raft-rs re-delivers the committed entries after it.
 
+mod forward;
 mod handle;
 mod logger;
 #[cfg(test)]
@@ -100,8 +101,9 @@ pub enum PeerChange {
 }
 
 pub(crate) enum Request {
+    /// An encoded [`Command`] (encoded by the caller, off the driver's task).
     Propose {
-        cmd: Box<Command>,
+        data: Vec<u8>,
         reply: oneshot::Sender<Result<ApplyResult, ProposeError>>,
     },
     Read {
@@ -196,7 +198,7 @@ pub fn start(
     let task = tokio::spawn(driver.run(rx, inbound_rx, feedback_rx, shutdown));
     Ok((
         RaftHandle {
-            forwards: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            forwards: Arc::default(),
             tx,
             state,
             status: status_rx,
@@ -318,7 +320,7 @@ impl Driver {
 
     fn request(&mut self, r: Request) {
         match r {
-            Request::Propose { cmd, reply } => self.propose(*cmd, reply),
+            Request::Propose { data, reply } => self.propose(data, reply),
             Request::Read { reply } => {
                 let ctx = self.next_proposal.to_be_bytes().to_vec();
                 self.next_proposal += 1;
@@ -329,14 +331,14 @@ impl Driver {
         }
     }
 
-    fn propose(&mut self, cmd: Command, reply: Reply<ApplyResult>) {
+    fn propose(&mut self, data: Vec<u8>, reply: Reply<ApplyResult>) {
         if self.node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
         let id = self.next_proposal;
         self.next_proposal += 1;
-        match self.node.propose(id.to_be_bytes().to_vec(), cmd.encode()) {
+        match self.node.propose(id.to_be_bytes().to_vec(), data) {
             Ok(()) => {
                 self.pending.insert(id, reply);
             }

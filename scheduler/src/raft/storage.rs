@@ -1,16 +1,36 @@
 //! `raft::Storage` on sled: the log, hard state, conf state and the latest
 //! snapshot, in one sled database inside the scheduler's data folder.
 //!
-//! Layout: tree `log` maps a big-endian index to a protobuf `Entry`; tree
-//! `meta` holds `hard_state`, `conf_state`, `snap_meta` (index and term of the
-//! latest snapshot) and `snap_data` (the serialized state machine). Writes of
+//! Layout: tree `entries` holds the log in records, one per append: the key
+//! is the big-endian index of the record's first entry, the value its entries
+//! as length-prefixed protobuf `Entry`s ([`encode_record`]). Writing a
+//! `Ready`'s entries is one sled insert, and compacting the log removes one
+//! key per record, not one per entry. Tree `meta` holds `hard_state`, `conf_state` and `snap_meta` (index and term of
+//! the latest snapshot); tree `snapshot` holds `snap_data`, the serialized
+//! state machine. The snapshot has a tree of its own because sled rewrites a
+//! tree's node whole from time to time: next to the hard state, written on
+//! every `Ready`, megabytes of snapshot would be rewritten with it. Writes of
 //! one `Ready` go in with [`SledStorage::append`] and friends and become
-//! durable together with one [`SledStorage::flush`].
+//! durable together with one [`SledStorage::flush`]. (Data folders written
+//! with one key per entry, tree `log`, are converted when opened.)
+//!
+//! Everything raft-rs asks for on its hot path is answered from memory: the
+//! hard and conf state, the snapshot's index and term, the last index, and
+//! the most recent entries ([`CACHE_ENTRIES`] of them, up to
+//! [`CACHE_BYTES`]). sled is read only for older entries (a follower far
+//! behind) and when the node starts.
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Most entries kept in memory.
+pub const CACHE_ENTRIES: usize = 16_384;
+/// Most bytes of entries kept in memory.
+pub const CACHE_BYTES: usize = 64 << 20;
 
 /// Errors of the sled-backed Raft storage, each naming the database path.
 #[derive(Debug, thiserror::Error)]
@@ -29,13 +49,70 @@ pub enum StoreError {
     },
 }
 
-/// Raft storage in sled. Cheap to clone (sled trees are handles).
+/// What is held in memory, always equal to what sled holds (or will hold
+/// after the next flush).
+#[derive(Debug, Default)]
+struct Cache {
+    hard: HardState,
+    conf: Option<ConfState>,
+    snap: SnapshotMetadata,
+    /// Index of the last entry (the snapshot's index when the log is empty).
+    last: u64,
+    /// The newest entries, contiguous and ending at `last`.
+    recent: VecDeque<Entry>,
+    recent_bytes: usize,
+}
+
+impl Cache {
+    fn first(&self) -> u64 {
+        self.snap.index + 1
+    }
+
+    /// The cached entry at `idx`, if it is cached.
+    fn get(&self, idx: u64) -> Option<&Entry> {
+        let front = self.recent.front()?.index;
+        if idx < front {
+            return None;
+        }
+        self.recent.get((idx - front) as usize)
+    }
+
+    /// Drop cached entries from `idx` on.
+    fn truncate_from(&mut self, idx: u64) {
+        while self.recent.back().is_some_and(|e| e.index >= idx) {
+            let e = self.recent.pop_back().expect("non-empty");
+            self.recent_bytes -= e.data.len() + e.context.len();
+        }
+    }
+
+    /// Drop cached entries up to and including `idx`.
+    fn compact_to(&mut self, idx: u64) {
+        while self.recent.front().is_some_and(|e| e.index <= idx) {
+            let e = self.recent.pop_front().expect("non-empty");
+            self.recent_bytes -= e.data.len() + e.context.len();
+        }
+    }
+
+    fn push(&mut self, e: Entry) {
+        self.recent_bytes += e.data.len() + e.context.len();
+        self.recent.push_back(e);
+        while self.recent.len() > CACHE_ENTRIES || self.recent_bytes > CACHE_BYTES {
+            let e = self.recent.pop_front().expect("non-empty");
+            self.recent_bytes -= e.data.len() + e.context.len();
+        }
+    }
+}
+
+/// Raft storage in sled. Cheap to clone (sled trees are handles; the cache
+/// is shared).
 #[derive(Clone)]
 pub struct SledStorage {
     path: PathBuf,
     db: sled::Db,
-    log: sled::Tree,
+    db_log: sled::Tree,
     meta: sled::Tree,
+    snapshot: sled::Tree,
+    cache: Arc<Mutex<Cache>>,
 }
 
 const HARD_STATE: &str = "hard_state";
@@ -64,19 +141,106 @@ impl SledStorage {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(wrap)?;
-        let log = db.open_tree("log").map_err(wrap)?;
+        let db_log = db.open_tree("entries").map_err(wrap)?;
         let meta = db.open_tree("meta").map_err(wrap)?;
-        Ok(SledStorage {
+        let snapshot = db.open_tree("snapshot").map_err(wrap)?;
+        let s = SledStorage {
             path,
             db,
-            log,
+            db_log,
             meta,
-        })
+            snapshot,
+            cache: Arc::default(),
+        };
+        s.move_snapshot_data()?;
+        s.convert_entry_per_key_log()?;
+        s.load_cache()?;
+        Ok(s)
+    }
+
+    /// Data folders written with one key per entry (tree `log`): write those
+    /// entries as records and drop the old tree.
+    fn convert_entry_per_key_log(&self) -> Result<(), StoreError> {
+        if !self.db.tree_names().iter().any(|n| &n[..] == b"log") {
+            return Ok(());
+        }
+        let old = self.sled(self.db.open_tree("log"))?;
+        let mut run = Vec::new();
+        for item in old.iter() {
+            let (k, v) = self.sled(item)?;
+            let e = self.decode(key_index(&k), &v)?;
+            if run.last().is_some_and(|l: &Entry| l.index + 1 != e.index) || run.len() >= 256 {
+                self.sled(
+                    self.db_log
+                        .insert(idx_key(run[0].index), encode_record(&run)),
+                )?;
+                run.clear();
+            }
+            run.push(e);
+        }
+        if let Some(first) = run.first() {
+            self.sled(
+                self.db_log
+                    .insert(idx_key(first.index), encode_record(&run)),
+            )?;
+        }
+        self.flush()?;
+        self.sled(self.db.drop_tree("log"))?;
+        self.flush()
+    }
+
+    /// Data folders written before the snapshot had a tree of its own keep
+    /// it in `meta`: move it.
+    fn move_snapshot_data(&self) -> Result<(), StoreError> {
+        if let Some(data) = self.sled(self.meta.get(SNAP_DATA))? {
+            self.sled(self.snapshot.insert(SNAP_DATA, data))?;
+            self.sled(self.meta.remove(SNAP_DATA))?;
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Fill the cache from disk: the metadata, and the newest entries.
+    fn load_cache(&self) -> Result<(), StoreError> {
+        let mut c = Cache {
+            hard: self.read(HARD_STATE)?.unwrap_or_default(),
+            conf: self.read(CONF_STATE)?,
+            snap: self.read(SNAP_META)?.unwrap_or_default(),
+            ..Default::default()
+        };
+        c.last = c.snap.index;
+        if let Some((_, v)) = self.sled(self.db_log.last())? {
+            if let Some(e) = self.decode_record(&v)?.last() {
+                c.last = e.index.max(c.snap.index);
+            }
+        }
+        let mut newest = Vec::new();
+        let mut bytes = 0;
+        'records: for item in self.db_log.iter().rev() {
+            let (_, v) = self.sled(item)?;
+            for e in self.decode_record(&v)?.into_iter().rev() {
+                if e.index <= c.snap.index || newest.len() >= CACHE_ENTRIES || bytes >= CACHE_BYTES
+                {
+                    break 'records;
+                }
+                bytes += e.data.len() + e.context.len();
+                newest.push(e);
+            }
+        }
+        for e in newest.into_iter().rev() {
+            c.push(e);
+        }
+        *self.cache() = c;
+        Ok(())
+    }
+
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether nothing was ever stored (a brand-new node).
     pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.read::<ConfState>(CONF_STATE)?.is_none())
+        Ok(self.cache().conf.is_none())
     }
 
     /// Set the conf state of a brand-new node (its first members).
@@ -85,15 +249,12 @@ impl SledStorage {
             voters,
             ..Default::default()
         };
-        self.write(CONF_STATE, &cs)?;
+        self.set_conf_state(&cs)?;
         self.flush()
     }
 
     fn read<M: protobuf::Message>(&self, key: &str) -> Result<Option<M>, StoreError> {
-        let raw = self.meta.get(key).map_err(|source| StoreError::Sled {
-            path: self.path.clone(),
-            source,
-        })?;
+        let raw = self.sled(self.meta.get(key))?;
         raw.map(|b| {
             M::parse_from_bytes(&b).map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
@@ -110,12 +271,7 @@ impl SledStorage {
             key: key.to_string(),
             message: e.to_string(),
         })?;
-        self.meta
-            .insert(key, bytes)
-            .map_err(|source| StoreError::Sled {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.sled(self.meta.insert(key, bytes))?;
         Ok(())
     }
 
@@ -124,6 +280,35 @@ impl SledStorage {
             path: self.path.clone(),
             source,
         })
+    }
+
+    fn decode(&self, idx: u64, raw: &[u8]) -> Result<Entry, StoreError> {
+        Entry::parse_from_bytes(raw).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: format!("log/{idx}"),
+            message: e.to_string(),
+        })
+    }
+
+    fn decode_record(&self, raw: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        decode_record(raw).map_err(|message| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: "entries record".into(),
+            message,
+        })
+    }
+
+    /// The record that holds `idx`, if the log has one: its key and entries.
+    fn record_holding(&self, idx: u64) -> Result<Option<(u64, Vec<Entry>)>, StoreError> {
+        let Some((k, v)) = self.sled(self.db_log.range(..=idx_key(idx)).next_back().transpose())?
+        else {
+            return Ok(None);
+        };
+        let entries = self.decode_record(&v)?;
+        Ok(entries
+            .last()
+            .is_some_and(|e| e.index >= idx)
+            .then(|| (key_index(&k), entries)))
     }
 
     /// Make everything written so far durable (one fsync per `Ready`).
@@ -136,50 +321,80 @@ impl SledStorage {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        let last = self.last_index_inner()?;
+        let mut cache = self.cache();
         let mut batch = sled::Batch::default();
-        for i in first.index..=last {
-            batch.remove(&idx_key(i));
+        if first.index <= cache.last {
+            // A conflicting suffix: records from `first` on go, and the
+            // record that holds `first` keeps only what comes before it.
+            if let Some((key, mut held)) = self.record_holding(first.index)? {
+                held.retain(|e| e.index < first.index);
+                if held.is_empty() {
+                    batch.remove(&idx_key(key));
+                } else {
+                    batch.insert(&idx_key(key), encode_record(&held));
+                }
+            }
+            for k in self.db_log.range(idx_key(first.index)..).keys() {
+                batch.remove(self.sled(k)?);
+            }
+        }
+        batch.insert(&idx_key(first.index), encode_record(entries));
+        self.sled(self.db_log.apply_batch(batch))?;
+        cache.truncate_from(first.index);
+        if cache
+            .recent
+            .back()
+            .is_none_or(|e| e.index + 1 != first.index)
+        {
+            // Not contiguous with what is cached (the cache had been trimmed
+            // past the truncation point): start afresh from these entries.
+            cache.recent.clear();
+            cache.recent_bytes = 0;
         }
         for e in entries {
-            let bytes = e.write_to_bytes().map_err(|err| StoreError::Corrupt {
-                path: self.path.clone(),
-                key: format!("log/{}", e.index),
-                message: err.to_string(),
-            })?;
-            batch.insert(&idx_key(e.index), bytes);
+            cache.push(e.clone());
         }
-        self.sled(self.log.apply_batch(batch))
+        cache.last = entries.last().map_or(cache.last, |e| e.index);
+        Ok(())
     }
 
     /// Persist the hard state.
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StoreError> {
-        self.write(HARD_STATE, hs)
+        self.write(HARD_STATE, hs)?;
+        self.cache().hard = hs.clone();
+        Ok(())
     }
 
     /// Persist the commit index only.
     pub fn set_commit(&self, commit: u64) -> Result<(), StoreError> {
-        let mut hs: HardState = self.read(HARD_STATE)?.unwrap_or_default();
+        let mut hs = self.cache().hard.clone();
         hs.commit = commit;
-        self.write(HARD_STATE, &hs)
+        self.set_hard_state(&hs)
     }
 
     /// Persist the conf state (after a membership change is applied).
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StoreError> {
-        self.write(CONF_STATE, cs)
+        self.write(CONF_STATE, cs)?;
+        self.cache().conf = Some(cs.clone());
+        Ok(())
     }
 
     /// Install a snapshot received from the leader: the log before it is gone.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
         self.save_snapshot(meta.index, meta.term, meta.get_conf_state(), &snap.data)?;
-        let mut hs: HardState = self.read(HARD_STATE)?.unwrap_or_default();
+        let mut hs = self.cache().hard.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
-        self.write(HARD_STATE, &hs)?;
-        self.write(CONF_STATE, meta.get_conf_state())?;
+        self.set_hard_state(&hs)?;
+        self.set_conf_state(meta.get_conf_state())?;
         // Entries after the snapshot may conflict with the leader's; drop all.
-        self.sled(self.log.clear())
+        self.sled(self.db_log.clear())?;
+        let mut cache = self.cache();
+        cache.recent.clear();
+        cache.recent_bytes = 0;
+        cache.last = meta.index;
+        Ok(())
     }
 
     /// Record a snapshot of our own state machine at `index` and compact the
@@ -197,50 +412,92 @@ impl SledStorage {
             ..Default::default()
         };
         meta.set_conf_state(conf.clone());
+        self.sled(self.snapshot.insert(SNAP_DATA, data))?;
         self.write(SNAP_META, &meta)?;
-        self.sled(self.meta.insert(SNAP_DATA, data))?;
+        // Every record that ends at or before `index` goes; the one that
+        // holds `index` and entries after it stays.
         let mut batch = sled::Batch::default();
-        for item in self.log.range(..=idx_key(index).to_vec()).keys() {
-            batch.remove(self.sled(item)?);
+        let mut keys = self
+            .db_log
+            .range(..=idx_key(index))
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| StoreError::Sled {
+                path: self.path.clone(),
+                source,
+            })?;
+        if let Some(k) = keys.last() {
+            if self.record_holding(index)?.is_some_and(|(key, held)| {
+                key == key_index(k) && held.last().is_some_and(|e| e.index > index)
+            }) {
+                keys.pop();
+            }
         }
-        self.sled(self.log.apply_batch(batch))
+        for k in keys {
+            batch.remove(k);
+        }
+        self.sled(self.db_log.apply_batch(batch))?;
+        let mut cache = self.cache();
+        cache.snap = meta;
+        cache.compact_to(index);
+        cache.last = cache.last.max(index);
+        Ok(())
     }
 
     /// The latest snapshot's metadata and state-machine bytes, if any.
     pub fn load_snapshot(&self) -> Result<Option<(SnapshotMetadata, Vec<u8>)>, StoreError> {
-        let Some(meta) = self.read::<SnapshotMetadata>(SNAP_META)? else {
+        let meta = self.cache().snap.clone();
+        if meta == SnapshotMetadata::default() {
             return Ok(None);
-        };
+        }
         let data = self
-            .sled(self.meta.get(SNAP_DATA))?
+            .sled(self.snapshot.get(SNAP_DATA))?
             .map(|v| v.to_vec())
             .unwrap_or_default();
         Ok(Some((meta, data)))
     }
 
-    fn snap_meta(&self) -> Result<SnapshotMetadata, StoreError> {
-        Ok(self.read(SNAP_META)?.unwrap_or_default())
-    }
-
-    fn last_index_inner(&self) -> Result<u64, StoreError> {
-        match self.sled(self.log.last())? {
-            Some((k, _)) => Ok(key_index(&k)),
-            None => Ok(self.snap_meta()?.index),
-        }
-    }
-
-    fn entry(&self, idx: u64) -> Result<Option<Entry>, StoreError> {
-        let Some(raw) = self.sled(self.log.get(idx_key(idx)))? else {
-            return Ok(None);
+    /// Entries `low..high` as sled holds them, fewer if the log ends first.
+    fn stored_entries(&self, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
+        let start = match self.record_holding(low)? {
+            Some((key, _)) => key,
+            None => low,
         };
-        Entry::parse_from_bytes(&raw)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt {
-                path: self.path.clone(),
-                key: format!("log/{idx}"),
-                message: e.to_string(),
-            })
+        let mut out = Vec::new();
+        for item in self.db_log.range(idx_key(start)..idx_key(high)) {
+            let (_, v) = self.sled(item)?;
+            out.extend(
+                self.decode_record(&v)?
+                    .into_iter()
+                    .filter(|e| e.index >= low && e.index < high),
+            );
+        }
+        Ok(out)
     }
+}
+
+/// A record: each entry as a little-endian `u32` length and its protobuf.
+fn encode_record(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.iter().map(|e| e.compute_size() as usize + 4).sum());
+    for e in entries {
+        // Writing a protobuf into a Vec cannot fail.
+        let bytes = e.write_to_bytes().unwrap_or_default();
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+fn decode_record(mut raw: &[u8]) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let (len, rest) = raw.split_first_chunk::<4>().ok_or("truncated length")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let body = rest.get(..len).ok_or("truncated entry")?;
+        out.push(Entry::parse_from_bytes(body).map_err(|e| e.to_string())?);
+        raw = &rest[len..];
+    }
+    Ok(out)
 }
 
 fn key_index(k: &[u8]) -> u64 {
@@ -252,15 +509,11 @@ fn key_index(k: &[u8]) -> u64 {
 
 impl raft::Storage for SledStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        let hs: HardState = self
-            .read(HARD_STATE)
-            .map_err(store_err)?
-            .unwrap_or_default();
-        let cs: ConfState = self
-            .read(CONF_STATE)
-            .map_err(store_err)?
-            .unwrap_or_default();
-        Ok(RaftState::new(hs, cs))
+        let c = self.cache();
+        Ok(RaftState::new(
+            c.hard.clone(),
+            c.conf.clone().unwrap_or_default(),
+        ))
     }
 
     fn entries(
@@ -270,18 +523,29 @@ impl raft::Storage for SledStorage {
         max_size: impl Into<Option<u64>>,
         _ctx: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let first = self.snap_meta().map_err(store_err)?.index + 1;
-        if low < first {
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let c = self.cache();
+        if low < c.first() {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        let max = max_size.into().unwrap_or(u64::MAX);
+        if high > c.last + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        // Older than the cache: from sled, then the rest from memory.
+        let cached_from = c.recent.front().map_or(high, |e| e.index.clamp(low, high));
+        let mut older = if low < cached_from {
+            self.stored_entries(low, cached_from).map_err(store_err)?
+        } else {
+            Vec::new()
+        };
+        if older.len() as u64 != cached_from - low {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let cached = (cached_from..high).map(|i| c.get(i).cloned());
         let mut out = Vec::new();
         let mut size = 0u64;
-        for i in low..high {
-            let e = self
-                .entry(i)
-                .map_err(store_err)?
-                .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+        for e in older.drain(..).map(Some).chain(cached) {
+            let e = e.ok_or(raft::Error::Store(StorageError::Unavailable))?;
             size += u64::from(e.compute_size());
             if !out.is_empty() && size > max {
                 break;
@@ -292,25 +556,35 @@ impl raft::Storage for SledStorage {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let snap = self.snap_meta().map_err(store_err)?;
-        if idx == snap.index {
-            return Ok(snap.term);
+        let c = self.cache();
+        if idx == c.snap.index {
+            return Ok(c.snap.term);
         }
-        if idx < snap.index {
+        if idx < c.snap.index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        match self.entry(idx).map_err(store_err)? {
+        if idx > c.last {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if let Some(e) = c.get(idx) {
+            return Ok(e.term);
+        }
+        match self
+            .stored_entries(idx, idx + 1)
+            .map_err(store_err)?
+            .first()
+        {
             Some(e) => Ok(e.term),
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.snap_meta().map_err(store_err)?.index + 1)
+        Ok(self.cache().first())
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        self.last_index_inner().map_err(store_err)
+        Ok(self.cache().last)
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
@@ -335,6 +609,24 @@ impl raft::Storage for SledStorage {
 mod tests {
     use super::*;
     use raft::Storage;
+
+    /// Open the database again in this process. sled's background threads
+    /// can hold the previous handle's file lock for a moment after it is
+    /// dropped, so a busy lock is retried for a while.
+    fn reopen(dir: &Path) -> SledStorage {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStorage::open(dir) {
+                Ok(s) => return s,
+                Err(e)
+                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen {}: {e}", dir.display()),
+            }
+        }
+    }
 
     fn entry(index: u64, term: u64) -> Entry {
         Entry {
@@ -363,7 +655,7 @@ mod tests {
             .unwrap();
             s.flush().unwrap();
         }
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.last_index().unwrap(), 2);
         assert_eq!(s.term(2).unwrap(), 2);
         assert_eq!(s.first_index().unwrap(), 1);
@@ -398,5 +690,166 @@ mod tests {
         let snap = s.snapshot(6, 2).unwrap();
         assert_eq!(snap.get_metadata().index, 6);
         assert_eq!(&snap.data[..], b"state");
+    }
+
+    #[test]
+    fn entries_older_than_the_cache_come_from_disk_and_match_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = CACHE_ENTRIES as u64 + 500;
+        let all: Vec<Entry> = (1..=n).map(|i| entry(i, 1 + i / 1000)).collect();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.bootstrap(vec![1]).unwrap();
+            for chunk in all.chunks(700) {
+                s.append(chunk).unwrap();
+            }
+            s.flush().unwrap();
+            // The first 500 are no longer cached: they are read from sled.
+            assert!(s.cache().get(1).is_none());
+            assert_eq!(
+                s.entries(1, n + 1, None, GetEntriesContext::empty(false))
+                    .unwrap(),
+                all
+            );
+            assert_eq!(s.term(3).unwrap(), 1);
+            // A conflicting suffix that starts below the cached range.
+            let replacement = vec![entry(400, 9), entry(401, 9)];
+            s.append(&replacement).unwrap();
+            s.flush().unwrap();
+            assert_eq!(s.last_index().unwrap(), 401);
+            assert_eq!(s.term(401).unwrap(), 9);
+            assert!(matches!(
+                s.term(402),
+                Err(raft::Error::Store(StorageError::Unavailable))
+            ));
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.last_index().unwrap(), 401);
+        let es = s
+            .entries(398, 402, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            es,
+            vec![
+                all[397].clone(),
+                all[398].clone(),
+                entry(400, 9),
+                entry(401, 9)
+            ]
+        );
+        // Appending after a reopen continues the cached run.
+        s.append(&[entry(402, 9)]).unwrap();
+        assert_eq!(s.term(402).unwrap(), 9);
+        assert_eq!(s.cache().get(402).map(|e| e.index), Some(402));
+    }
+
+    #[test]
+    fn installing_a_snapshot_drops_the_log_and_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        s.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 3;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        snap.data = b"leader state".to_vec().into();
+        s.apply_snapshot(&snap).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.first_index().unwrap(), 21);
+        assert_eq!(s.last_index().unwrap(), 20);
+        assert_eq!(s.term(20).unwrap(), 3);
+        assert!(s.cache().recent.is_empty());
+        s.append(&[entry(21, 3)]).unwrap();
+        drop(s);
+        let s = reopen(dir.path());
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.hard_state.commit, 20);
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(s.last_index().unwrap(), 21);
+        let (meta, data) = s.load_snapshot().unwrap().unwrap();
+        assert_eq!((meta.index, data), (20, b"leader state".to_vec()));
+    }
+
+    #[test]
+    fn snapshot_data_in_the_old_layout_is_moved_to_its_own_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What an older scheduler wrote: the snapshot's bytes in `meta`.
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.bootstrap(vec![1]).unwrap();
+            let mut meta = SnapshotMetadata {
+                index: 7,
+                term: 2,
+                ..Default::default()
+            };
+            meta.mut_conf_state().voters = vec![1];
+            s.write(SNAP_META, &meta).unwrap();
+            s.meta.insert(SNAP_DATA, &b"old"[..]).unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert!(s.meta.get(SNAP_DATA).unwrap().is_none());
+        let (meta, data) = s.load_snapshot().unwrap().unwrap();
+        assert_eq!((meta.index, data), (7, b"old".to_vec()));
+        assert_eq!(s.first_index().unwrap(), 8);
+    }
+
+    #[test]
+    fn a_log_with_one_key_per_entry_is_converted_to_records() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What an older scheduler wrote: tree `log`, one key per entry.
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.bootstrap(vec![1]).unwrap();
+            let old = s.db.open_tree("log").unwrap();
+            for i in 1..=600 {
+                old.insert(idx_key(i), entry(i, 1).write_to_bytes().unwrap())
+                    .unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert!(!s.db.tree_names().iter().any(|n| &n[..] == b"log"));
+        assert_eq!(s.db_log.len(), 3, "600 entries in records of 256");
+        assert_eq!(s.last_index().unwrap(), 600);
+        let all: Vec<Entry> = (1..=600).map(|i| entry(i, 1)).collect();
+        assert_eq!(
+            s.stored_entries(1, 601).unwrap(),
+            all,
+            "read back from sled, not the cache"
+        );
+        assert_eq!(
+            s.entries(1, 601, None, GetEntriesContext::empty(false))
+                .unwrap(),
+            all
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_the_record_that_straddles_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        for lo in [1, 11, 21] {
+            s.append(&(lo..lo + 10).map(|i| entry(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        let cs = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        s.save_snapshot(15, 1, &cs, b"state").unwrap();
+        // Record 1..=10 is gone; 11..=20 holds 16.. and stays.
+        assert_eq!(s.db_log.len(), 2);
+        assert_eq!(s.stored_entries(16, 31).unwrap().len(), 15);
+        s.save_snapshot(20, 1, &cs, b"state").unwrap();
+        assert_eq!(s.db_log.len(), 1, "a record that ends at the snapshot goes");
+        assert_eq!(s.term(20).unwrap(), 1);
+        assert!(matches!(
+            s.term(19),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
     }
 }

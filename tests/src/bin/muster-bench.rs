@@ -8,9 +8,12 @@
 //!     running (or already finished), polled every millisecond.
 //!
 //!   muster-bench concurrent [--addr URLS] [--clients 32] [--jobs 20000]
+//!                           [--to all|leader]
 //!     Acknowledged submissions per second from many concurrent clients (one
 //!     connection each), with p50/p99 latency. Without --addr it starts its
-//!     own 3-scheduler cluster on loopback (release binaries beside this one).
+//!     own 3-scheduler cluster on loopback (release binaries beside this one)
+//!     and spreads the clients over its members (followers forward), or with
+//!     `--to leader` points them all at the leader.
 //!
 //!   muster-bench failover [--runs 10]
 //!     Starts a 3-scheduler cluster; each run kills the leader with SIGKILL and
@@ -107,6 +110,12 @@ async fn concurrent(args: &[String]) -> anyhow::Result<()> {
         Some(three_schedulers()?)
     };
     let addrs: Vec<String> = match &own {
+        // `--to leader`: every client writes to the leader, as clients that
+        // follow the leader hint do; the default spreads them over all
+        // members, and followers forward.
+        Some(c) if arg(args, "--to", "all") == "leader" => {
+            vec![c.sched_addrs[c.wait_leader(Duration::from_secs(20))?].clone()]
+        }
         Some(c) => c.sched_addrs.clone(),
         None => arg(args, "--addr", "")
             .split(',')
