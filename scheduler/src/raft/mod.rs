@@ -247,6 +247,9 @@ impl Driver {
                     let Some(r) = r else { break };
                     self.request(r);
                     // Batch: everything already queued shares this Ready.
+                    // Yielding once first lets the request tasks that are
+                    // ready to run queue theirs too.
+                    tokio::task::yield_now().await;
                     while let Ok(r) = rx.try_recv() {
                         self.request(r);
                     }
@@ -408,7 +411,7 @@ impl Driver {
         self.send(rd.take_persisted_messages());
         let mut light = self.node.advance(rd);
         if let Some(commit) = light.commit_index() {
-            self.storage.set_commit(commit)?;
+            self.storage.set_commit(commit);
         }
         self.send(light.take_messages());
         self.apply_entries(light.take_committed_entries())?;

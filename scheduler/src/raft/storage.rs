@@ -54,6 +54,8 @@ pub enum StoreError {
 #[derive(Debug, Default)]
 struct Cache {
     hard: HardState,
+    /// `hard` has a commit index sled does not hold yet (see `set_commit`).
+    hard_unwritten: bool,
     conf: Option<ConfState>,
     snap: SnapshotMetadata,
     /// Index of the last entry (the snapshot's index when the log is empty).
@@ -313,6 +315,13 @@ impl SledStorage {
 
     /// Make everything written so far durable (one fsync per `Ready`).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let unwritten = {
+            let mut c = self.cache();
+            std::mem::take(&mut c.hard_unwritten).then(|| c.hard.clone())
+        };
+        if let Some(hs) = unwritten {
+            self.write(HARD_STATE, &hs)?;
+        }
         self.sled(self.db.flush().map(|_| ()))
     }
 
@@ -361,15 +370,22 @@ impl SledStorage {
     /// Persist the hard state.
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StoreError> {
         self.write(HARD_STATE, hs)?;
-        self.cache().hard = hs.clone();
+        let mut c = self.cache();
+        c.hard = hs.clone();
+        c.hard_unwritten = false;
         Ok(())
     }
 
-    /// Persist the commit index only.
-    pub fn set_commit(&self, commit: u64) -> Result<(), StoreError> {
-        let mut hs = self.cache().hard.clone();
-        hs.commit = commit;
-        self.set_hard_state(&hs)
+    /// Record a new commit index; it reaches sled with the next flush.
+    /// Nothing waits on it being durable: a node that restarts with an older
+    /// commit index learns the newer one from the leader (or, alone,
+    /// commits again), and applies from its snapshot on.
+    pub fn set_commit(&self, commit: u64) {
+        let mut c = self.cache();
+        if c.hard.commit != commit {
+            c.hard.commit = commit;
+            c.hard_unwritten = true;
+        }
     }
 
     /// Persist the conf state (after a membership change is applied).
