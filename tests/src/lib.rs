@@ -641,7 +641,7 @@ impl Cluster {
         logs.extend((0..self.agents.len()).map(|i| format!("agent-{i}.log")));
         for l in logs {
             let text = std::fs::read_to_string(self.path(&l)).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
             out.push_str(&format!("\n--- {l}\n"));
             for line in tail.into_iter().rev() {
                 out.push_str(line);
@@ -711,6 +711,10 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Shown with the failure (the test harness captures it).
+            eprintln!("daemon logs of the failed test:{}", self.log_tail());
+        }
         for i in 0..self.agents.len() {
             self.kill_agent(i);
         }

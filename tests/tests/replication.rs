@@ -133,8 +133,10 @@ fn restarting_every_node_at_once_keeps_identical_state() {
     }
     let done = c.submit(&["--", "true"]).unwrap();
     c.wait_state(done, "completed", T).unwrap();
-    let digest = c.wait_converged(T).expect("converged");
+    c.wait_converged(T).expect("converged");
     let before = c.json(&["queue", "--all"]).unwrap();
+    let audit_before = c.json(&["admin", "audit"]).unwrap();
+    let nodes_before = c.json(&["nodes"]).unwrap();
     for i in 0..3 {
         c.kill_scheduler_node(i);
     }
@@ -142,8 +144,19 @@ fn restarting_every_node_at_once_keeps_identical_state() {
         c.start_scheduler_node(i).unwrap();
     }
     c.wait_leader(T).expect("leader after restart");
-    let after_digest = c.wait_converged(T).expect("converged after restart");
+    // The agent registers again with the new leader, and every
+    // registration is audited: once that entry is in, nothing else changes.
+    wait_for("the agent's new registration in the audit trail", T, || {
+        let a = c.json(&["admin", "audit"]).ok()?;
+        let n = a["entries"].as_array()?.len();
+        (n > audit_before["entries"].as_array()?.len()).then_some(())
+    })
+    .unwrap();
+    // Every member holds the same state again (their digests agree).
+    c.wait_converged(T).expect("converged after restart");
     let after = c.json(&["queue", "--all"]).unwrap();
+    let audit_after = c.json(&["admin", "audit"]).unwrap();
+    let nodes_after = c.json(&["nodes"]).unwrap();
     // Everything but the planner's words (kept in the leader's memory).
     let strip = |v: &serde_json::Value| {
         let mut v = v["jobs"].clone();
@@ -153,12 +166,35 @@ fn restarting_every_node_at_once_keeps_identical_state() {
         v
     };
     assert_eq!(strip(&before), strip(&after));
-    // Same state; the applied index may differ by the new leader's no-op.
-    assert_eq!(
-        digest.split('@').next(),
-        after_digest.split('@').next(),
-        "state digest changed across a full restart"
+    let listed: BTreeSet<u64> = after["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["id"].as_u64())
+        .collect();
+    assert!(
+        ids.is_subset(&listed),
+        "acknowledged jobs lost: {ids:?} vs {listed:?}"
     );
+    // The audit trail kept every entry; what was added is the agent's
+    // registration with the new leader and nothing else.
+    let (old, new) = (
+        audit_before["entries"].as_array().unwrap(),
+        audit_after["entries"].as_array().unwrap(),
+    );
+    assert_eq!(&new[..old.len()], &old[..], "audit entries lost or changed");
+    for e in &new[old.len()..] {
+        assert_eq!(e["action"], "register-node", "unexpected new entry {e}");
+    }
+    // Nodes as they were, but for when the agent was last heard from.
+    let seen = |v: &serde_json::Value| {
+        let mut v = v["nodes"].clone();
+        for n in v.as_array_mut().unwrap() {
+            n["last_seen_ms"] = serde_json::Value::Null;
+        }
+        v
+    };
+    assert_eq!(seen(&nodes_before), seen(&nodes_after));
 }
 
 #[test]
