@@ -29,12 +29,13 @@ pub async fn plan_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
             // A pass reads the whole queue under the state's read lock, which
             // holds up applying the log. With a long queue and a stream of
             // submissions, planning after every entry would starve the log:
-            // keep planning to at most a fifth of the time. A short queue
+            // keep planning to `planner_share` of the time. A short queue
             // plans in microseconds, so this adds nothing there.
             let spent = started.elapsed();
-            if spent > std::time::Duration::from_millis(1) {
+            if spent > std::time::Duration::from_micros(50) {
+                let pause = spent.mul_f64(1.0 / ctx.cfg.scheduling.planner_share - 1.0);
                 tokio::select! {
-                    _ = tokio::time::sleep(spent * 4) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.changed() => return,
                 }
             }

@@ -80,6 +80,13 @@ pub struct SchedulingConfig {
     /// excluded from placement).
     #[serde(default)]
     pub drain_on_gpu_fault: bool,
+    /// The largest share of the leader's time long planning passes may take.
+    #[serde(default = "default_planner_share")]
+    pub planner_share: f64,
+}
+
+fn default_planner_share() -> f64 {
+    0.1
 }
 
 impl Default for SchedulingConfig {
@@ -96,6 +103,7 @@ impl Default for SchedulingConfig {
             default_grace: default_grace(),
             max_grace: default_max_grace(),
             drain_on_gpu_fault: false,
+            planner_share: default_planner_share(),
         }
     }
 }
@@ -128,6 +136,12 @@ impl SchedulingConfig {
         }
         if self.usage_interval.is_zero() {
             return Err("key `scheduling.usage_interval`: must be greater than 0".into());
+        }
+        if !(self.planner_share > 0.0 && self.planner_share <= 1.0) {
+            return Err(format!(
+                "key `scheduling.planner_share`: {} is not in (0, 1]",
+                self.planner_share
+            ));
         }
         if self.default_grace > self.max_grace {
             return Err(
@@ -230,6 +244,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("scheduling.default_grace"), "{e}");
+        assert_eq!(cfg.scheduling.planner_share, 0.1);
+        for bad in ["0", "1.5", "-0.2", "nan"] {
+            let e = SchedulerConfig::parse(
+                &format!("[scheduling]\nplanner_share = {bad}\n"),
+                Path::new("s.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("scheduling.planner_share"), "{bad}: {e}");
+        }
         let e = SchedulerConfig::parse("[scheduling]\nbogus = 1\n", Path::new("s.toml"))
             .unwrap_err()
             .to_string();
