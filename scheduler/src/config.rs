@@ -43,6 +43,9 @@ fn default_heartbeat_ticks() -> usize {
 fn default_snapshot_entries() -> u64 {
     10_000
 }
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// The scheduler's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +81,10 @@ pub struct SchedulerConfig {
     /// Applied entries between state-machine snapshots (and log compaction).
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// How often to look whether `snapshot_entries` have been applied since
+    /// the last snapshot (at 8 times that many, a snapshot is taken at once).
+    #[serde(default = "default_snapshot_interval", with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     /// Priority classes, fair share, backfill and preemption.
     #[serde(default)]
     pub scheduling: crate::scheduling::SchedulingConfig,
@@ -155,6 +162,7 @@ impl Default for SchedulerConfig {
             election_ticks: default_election_ticks(),
             heartbeat_ticks: default_heartbeat_ticks(),
             snapshot_entries: default_snapshot_entries(),
+            snapshot_interval: default_snapshot_interval(),
             scheduling: Default::default(),
             peers: BTreeMap::new(),
             join: false,
@@ -197,6 +205,9 @@ impl SchedulerConfig {
         }
         if self.snapshot_entries == 0 {
             return Err("key `snapshot_entries`: must be at least 1".into());
+        }
+        if self.snapshot_interval.is_zero() {
+            return Err("key `snapshot_interval`: must be greater than 0".into());
         }
         self.scheduling.validate()?;
         let peers = self.peer_map()?;

@@ -110,6 +110,7 @@ pub async fn run(
         election_ticks: cfg.election_ticks,
         heartbeat_ticks: cfg.heartbeat_ticks,
         snapshot_entries: cfg.snapshot_entries,
+        snapshot_interval: cfg.snapshot_interval,
     };
     let (handle, inbound, raft_task) = raft::start(settings, &cfg.data_dir, stop_rx.clone())?;
     let ctx = Ctx::new(handle.clone(), cfg);

@@ -179,6 +179,9 @@ pub struct ClusterSpec {
     pub proxies: bool,
     /// Applied entries between snapshots (small values exercise snapshots).
     pub snapshot_entries: u64,
+    /// How often a scheduler looks whether a snapshot is due (the
+    /// scheduler's default, 30 s, when empty).
+    pub snapshot_interval: &'static str,
     /// Appended to every scheduler's config (e.g. a `[scheduling]` table).
     pub scheduler_toml: &'static str,
     pub agents: usize,
@@ -201,6 +204,7 @@ impl Default for ClusterSpec {
             schedulers: 1,
             proxies: false,
             snapshot_entries: 10_000,
+            snapshot_interval: "",
             scheduler_toml: "",
             agents: 2,
             gpus_per_agent: 4,
@@ -319,11 +323,15 @@ impl Cluster {
                 "node_id = {}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_root = \"{}\"\n\
                  agent_lease = \"5s\"\nheartbeat_interval = \"500ms\"\nraft_tick = \"50ms\"\n\
                  election_ticks = 10\nheartbeat_ticks = 2\ncommit_timeout = \"2s\"\n\
-                 snapshot_entries = {}\njoin = {join}\n{}\n{}",
+                 snapshot_entries = {}\n{}join = {join}\n{}\n{}",
                 i + 1,
                 self.path(&format!("scheduler-{i}-data")).display(),
                 self.path("checkpoints").display(),
                 self.spec.snapshot_entries,
+                match self.spec.snapshot_interval {
+                    "" => String::new(),
+                    every => format!("snapshot_interval = \"{every}\"\n"),
+                },
                 self.peers_toml(i, members),
                 self.spec.scheduler_toml,
             ) + &self.tls_toml("node", &format!("sched-{i}")),

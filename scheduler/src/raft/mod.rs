@@ -9,8 +9,12 @@
 //! Proposals are drained in batches so that many of them share one `Ready`
 //! and one flush.
 //!
-//! The state machine is snapshotted every `snapshot_entries` applied entries;
-//! the log before the snapshot is compacted away. On restart the driver loads
+//! The state machine is snapshotted once `snapshot_entries` entries have been
+//! applied since the last snapshot, looked at every `snapshot_interval` (as
+//! Consul and Nomad do), or at once when eight times as many have piled up;
+//! the log before the snapshot is compacted away. A snapshot costs the whole
+//! state's size, so under a stream of writes it is taken at most once an
+//! interval rather than every few seconds. On restart the driver loads
 //! the snapshot and raft-rs re-delivers the committed entries after it.
 
 mod forward;
@@ -90,6 +94,7 @@ pub struct RaftSettings {
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     pub snapshot_entries: u64,
+    pub snapshot_interval: Duration,
     pub commit_timeout: Duration,
 }
 
@@ -191,6 +196,7 @@ pub fn start(
         applied,
         applied_term: 0,
         last_snapshot: applied,
+        last_snapshot_at: std::time::Instant::now(),
         settings,
         status: status_tx,
         removed: false,
@@ -225,6 +231,7 @@ struct Driver {
     applied: u64,
     applied_term: u64,
     last_snapshot: u64,
+    last_snapshot_at: std::time::Instant,
     settings: RaftSettings,
     status: watch::Sender<RaftStatus>,
     removed: bool,
@@ -390,7 +397,8 @@ impl Driver {
 
     fn on_ready(&mut self) -> Result<(), StoreError> {
         if !self.node.has_ready() {
-            return Ok(());
+            // An idle node still takes a snapshot that fell due.
+            return self.maybe_snapshot();
         }
         let mut rd = self.node.ready();
         self.send(rd.take_messages());
@@ -556,9 +564,11 @@ impl Driver {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
-        if self.applied < self.last_snapshot + self.settings.snapshot_entries {
+        let since = self.applied.saturating_sub(self.last_snapshot);
+        if !snapshot_due(since, self.last_snapshot_at.elapsed(), &self.settings) {
             return Ok(());
         }
+        self.last_snapshot_at = std::time::Instant::now();
         let data = self
             .state
             .read()
@@ -629,6 +639,12 @@ impl Driver {
     }
 }
 
+/// Whether to snapshot now, `since` entries and `elapsed` after the last.
+fn snapshot_due(since: u64, elapsed: Duration, s: &RaftSettings) -> bool {
+    (since >= s.snapshot_entries && elapsed >= s.snapshot_interval)
+        || since >= s.snapshot_entries.saturating_mul(8)
+}
+
 /// Proposal ids start from the wall clock so that entries replayed after a
 /// restart (whose contexts hold the previous run's ids) never match a proposal
 /// of this run.
@@ -642,4 +658,29 @@ fn proposal_nonce() -> u64 {
 fn proposal_id(ctx: &[u8]) -> Option<u64> {
     let b: [u8; 8] = ctx.try_into().ok()?;
     Some(u64::from_be_bytes(b))
+}
+
+#[cfg(test)]
+mod snapshot_policy_tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_wait_for_both_the_entries_and_the_interval_unless_far_behind() {
+        let s = RaftSettings {
+            id: 1,
+            voters: vec![1],
+            peers: BTreeMap::new(),
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_entries: 1000,
+            snapshot_interval: Duration::from_secs(30),
+            commit_timeout: Duration::from_secs(2),
+        };
+        let (soon, later) = (Duration::from_secs(1), Duration::from_secs(31));
+        assert!(!snapshot_due(999, later, &s), "too few entries");
+        assert!(!snapshot_due(5000, soon, &s), "too soon");
+        assert!(snapshot_due(1000, later, &s));
+        assert!(snapshot_due(8000, soon, &s), "8x the entries: at once");
+    }
 }
