@@ -11,25 +11,62 @@ use std::net::{IpAddr, SocketAddr};
 
 /// The uid owning the socket at `peer` connected to our `local`, if both are
 /// loopback addresses of this host.
+///
+/// The table holds every TCP socket of the host (thousands on a busy one,
+/// many in TIME_WAIT), so it is searched for the caller's row as text, the
+/// way the kernel writes its addresses, and only that row is parsed.
 pub fn uid_of(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     if !peer.ip().is_loopback() || !local.ip().is_loopback() {
         return None;
     }
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|f| {
-        let text = std::fs::read_to_string(f).ok()?;
-        find_uid(&text, peer, local)
-    })
+    [("/proc/net/tcp", false), ("/proc/net/tcp6", true)]
+        .iter()
+        .find_map(|(f, v6)| {
+            let pair = format!("{} {}", kernel_hex(peer, *v6)?, kernel_hex(local, *v6)?);
+            let text = std::fs::read_to_string(f).ok()?;
+            let at = text.find(&pair)?;
+            let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+            uid_in_row(&text[start..end], peer, local)
+        })
+}
+
+/// An address as `/proc/net/tcp` (`v6` false) or `tcp6` writes it: each
+/// 32-bit word of the address in host order as 8 hex digits, a colon, the
+/// port as 4. An IPv4 address appears in `tcp6` mapped (`::ffff:a.b.c.d`);
+/// an IPv6 one never appears in `tcp`.
+fn kernel_hex(addr: SocketAddr, v6: bool) -> Option<String> {
+    let octets: Vec<u8> = match (addr.ip(), v6) {
+        (IpAddr::V4(ip), false) => ip.octets().to_vec(),
+        (IpAddr::V4(ip), true) => ip.to_ipv6_mapped().octets().to_vec(),
+        (IpAddr::V6(ip), true) => ip.octets().to_vec(),
+        (IpAddr::V6(_), false) => return None,
+    };
+    let mut out = String::with_capacity(octets.len() * 2 + 5);
+    for w in octets.chunks(4) {
+        let word = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
+        out.push_str(&format!("{word:08X}"));
+    }
+    out.push_str(&format!(":{:04X}", addr.port()));
+    Some(out)
 }
 
 /// The uid column of the row whose local address is `peer` and remote address `local`.
 pub fn find_uid(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    table.lines().skip(1).find_map(|line| {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        let (l, r, uid) = (cols.get(1)?, cols.get(2)?, cols.get(7)?);
-        (parse_addr(l)? == peer && parse_addr(r)? == local)
-            .then(|| uid.parse().ok())
-            .flatten()
-    })
+    table
+        .lines()
+        .skip(1)
+        .find_map(|line| uid_in_row(line, peer, local))
+}
+
+/// The uid of one row, if it is the row of `peer`'s socket connected to `local`.
+fn uid_in_row(line: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    let mut cols = line.split_whitespace();
+    let (l, r) = (cols.nth(1)?, cols.next()?);
+    let uid = cols.nth(4)?;
+    (parse_addr(l)? == peer && parse_addr(r)? == local)
+        .then(|| uid.parse().ok())
+        .flatten()
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as the kernel
@@ -86,6 +123,26 @@ mod tests {
         let mapped = parse_addr("0000000000000000FFFF00000100007F:1D2E").unwrap();
         assert_eq!(mapped, "127.0.0.1:7470".parse().unwrap());
         assert_eq!(parse_addr("zz:1"), None);
+    }
+
+    #[test]
+    fn addresses_are_written_as_the_kernel_writes_them() {
+        let v4: SocketAddr = "127.0.0.1:7470".parse().unwrap();
+        assert_eq!(kernel_hex(v4, false).unwrap(), "0100007F:1D2E");
+        assert_eq!(
+            kernel_hex(v4, true).unwrap(),
+            "0000000000000000FFFF00000100007F:1D2E"
+        );
+        let v6: SocketAddr = "[::1]:7470".parse().unwrap();
+        assert_eq!(kernel_hex(v6, false), None);
+        for a in [v4, v6] {
+            let is6 = a.is_ipv6();
+            assert_eq!(parse_addr(&kernel_hex(a, is6).unwrap()), Some(a));
+        }
+        let row = "   1: 0100007F:D431 0100007F:1D2E 01 00000000:00000000 00:00000000 00000000  1000        0 2";
+        let client: SocketAddr = "127.0.0.1:54321".parse().unwrap();
+        assert_eq!(uid_in_row(row, client, v4), Some(1000));
+        assert_eq!(uid_in_row(row, v4, client), None);
     }
 
     #[test]
