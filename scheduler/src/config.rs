@@ -78,7 +78,9 @@ pub struct SchedulerConfig {
     /// Ticks between leader heartbeats.
     #[serde(default = "default_heartbeat_ticks")]
     pub heartbeat_ticks: usize,
-    /// Applied entries between state-machine snapshots (and log compaction).
+    /// Applied entries since the last snapshot that make the next one due
+    /// (it is taken at the next `snapshot_interval` look; the log before it
+    /// is compacted).
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
     /// How often to look whether `snapshot_entries` have been applied since

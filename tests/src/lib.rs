@@ -179,9 +179,9 @@ pub struct ClusterSpec {
     pub proxies: bool,
     /// Applied entries between snapshots (small values exercise snapshots).
     pub snapshot_entries: u64,
-    /// How often a scheduler looks whether a snapshot is due (the
-    /// scheduler's default, 30 s, when empty).
-    pub snapshot_interval: &'static str,
+    /// How often a scheduler looks whether a snapshot is due (`None`: the
+    /// scheduler's default, 30 s).
+    pub snapshot_interval: Option<&'static str>,
     /// Appended to every scheduler's config (e.g. a `[scheduling]` table).
     pub scheduler_toml: &'static str,
     pub agents: usize,
@@ -204,7 +204,7 @@ impl Default for ClusterSpec {
             schedulers: 1,
             proxies: false,
             snapshot_entries: 10_000,
-            snapshot_interval: "",
+            snapshot_interval: None,
             scheduler_toml: "",
             agents: 2,
             gpus_per_agent: 4,
@@ -328,10 +328,10 @@ impl Cluster {
                 self.path(&format!("scheduler-{i}-data")).display(),
                 self.path("checkpoints").display(),
                 self.spec.snapshot_entries,
-                match self.spec.snapshot_interval {
-                    "" => String::new(),
-                    every => format!("snapshot_interval = \"{every}\"\n"),
-                },
+                self.spec
+                    .snapshot_interval
+                    .map(|every| format!("snapshot_interval = \"{every}\"\n"))
+                    .unwrap_or_default(),
                 self.peers_toml(i, members),
                 self.spec.scheduler_toml,
             ) + &self.tls_toml("node", &format!("sched-{i}")),

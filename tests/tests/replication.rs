@@ -201,7 +201,7 @@ fn restarting_every_node_at_once_keeps_identical_state() {
 fn a_wiped_node_rejoins_through_a_snapshot() {
     let mut c = three(ClusterSpec {
         snapshot_entries: 20,
-        snapshot_interval: "100ms",
+        snapshot_interval: Some("100ms"),
         ..ClusterSpec::default()
     });
     for _ in 0..60 {

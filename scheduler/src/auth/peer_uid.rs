@@ -21,14 +21,7 @@ pub fn uid_of(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     }
     [("/proc/net/tcp", false), ("/proc/net/tcp6", true)]
         .iter()
-        .find_map(|(f, v6)| {
-            let pair = format!("{} {}", kernel_hex(peer, *v6)?, kernel_hex(local, *v6)?);
-            let text = std::fs::read_to_string(f).ok()?;
-            let at = text.find(&pair)?;
-            let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-            let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
-            uid_in_row(&text[start..end], peer, local)
-        })
+        .find_map(|(f, v6)| find_uid(&std::fs::read_to_string(f).ok()?, *v6, peer, local))
 }
 
 /// An address as `/proc/net/tcp` (`v6` false) or `tcp6` writes it: each
@@ -51,12 +44,14 @@ fn kernel_hex(addr: SocketAddr, v6: bool) -> Option<String> {
     Some(out)
 }
 
-/// The uid column of the row whose local address is `peer` and remote address `local`.
-pub fn find_uid(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    table
-        .lines()
-        .skip(1)
-        .find_map(|line| uid_in_row(line, peer, local))
+/// In a `tcp` (`v6` false) or `tcp6` table: the uid column of the row whose
+/// local address is `peer` and remote address `local`.
+pub fn find_uid(table: &str, v6: bool, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    let pair = format!("{} {}", kernel_hex(peer, v6)?, kernel_hex(local, v6)?);
+    let at = table.find(&pair)?;
+    let start = table[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = table[at..].find('\n').map_or(table.len(), |i| at + i);
+    uid_in_row(&table[start..end], peer, local)
 }
 
 /// The uid of one row, if it is the row of `peer`'s socket connected to `local`.
@@ -109,11 +104,11 @@ mod tests {
     fn the_callers_row_gives_its_uid() {
         let server: SocketAddr = "127.0.0.1:7470".parse().unwrap();
         let client: SocketAddr = "127.0.0.1:54321".parse().unwrap();
-        assert_eq!(find_uid(TABLE, client, server), Some(1000));
+        assert_eq!(find_uid(TABLE, false, client, server), Some(1000));
         // Our own row (the other direction) is not the caller's.
-        assert_eq!(find_uid(TABLE, server, client), Some(0));
+        assert_eq!(find_uid(TABLE, false, server, client), Some(0));
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert_eq!(find_uid(TABLE, other, server), None);
+        assert_eq!(find_uid(TABLE, false, other, server), None);
     }
 
     #[test]

@@ -462,6 +462,7 @@ impl Driver {
                 self.applied = snap.get_metadata().index;
                 self.applied_term = snap.get_metadata().term;
                 self.last_snapshot = self.applied;
+                self.last_snapshot_at = std::time::Instant::now();
             }
             Err(e) => tracing::error!("snapshot from the leader does not decode: {e}"),
         }

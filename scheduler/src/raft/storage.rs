@@ -5,9 +5,9 @@
 //! is the big-endian index of the record's first entry, the value its entries
 //! as length-prefixed protobuf `Entry`s ([`encode_record`]). Writing a
 //! `Ready`'s entries is one sled insert, and compacting the log removes one
-//! key per record, not one per entry. Tree `meta` holds `hard_state`, `conf_state` and `snap_meta` (index and term of
-//! the latest snapshot); tree `snapshot` holds `snap_data`, the serialized
-//! state machine. The snapshot has a tree of its own because sled rewrites a
+//! key per record, not one per entry. Tree `meta` holds `hard_state`,
+//! `conf_state` and `snap_meta` (index and term of the latest snapshot); tree
+//! `snapshot` holds `snap_data`, the serialized state machine. The snapshot has a tree of its own because sled rewrites a
 //! tree's node whole from time to time: next to the hard state, written on
 //! every `Ready`, megabytes of snapshot would be rewritten with it. Writes of
 //! one `Ready` go in with [`SledStorage::append`] and friends and become
@@ -65,6 +65,11 @@ struct Cache {
     recent_bytes: usize,
 }
 
+/// What an entry counts against [`CACHE_BYTES`].
+fn weight(e: &Entry) -> usize {
+    e.data.len() + e.context.len()
+}
+
 impl Cache {
     fn first(&self) -> u64 {
         self.snap.index + 1
@@ -83,7 +88,7 @@ impl Cache {
     fn truncate_from(&mut self, idx: u64) {
         while self.recent.back().is_some_and(|e| e.index >= idx) {
             let e = self.recent.pop_back().expect("non-empty");
-            self.recent_bytes -= e.data.len() + e.context.len();
+            self.recent_bytes -= weight(&e);
         }
     }
 
@@ -91,16 +96,22 @@ impl Cache {
     fn compact_to(&mut self, idx: u64) {
         while self.recent.front().is_some_and(|e| e.index <= idx) {
             let e = self.recent.pop_front().expect("non-empty");
-            self.recent_bytes -= e.data.len() + e.context.len();
+            self.recent_bytes -= weight(&e);
         }
     }
 
+    /// Forget every cached entry.
+    fn clear(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
+    }
+
     fn push(&mut self, e: Entry) {
-        self.recent_bytes += e.data.len() + e.context.len();
+        self.recent_bytes += weight(&e);
         self.recent.push_back(e);
         while self.recent.len() > CACHE_ENTRIES || self.recent_bytes > CACHE_BYTES {
             let e = self.recent.pop_front().expect("non-empty");
-            self.recent_bytes -= e.data.len() + e.context.len();
+            self.recent_bytes -= weight(&e);
         }
     }
 }
@@ -167,25 +178,24 @@ impl SledStorage {
             return Ok(());
         }
         let old = self.sled(self.db.open_tree("log"))?;
-        let mut run = Vec::new();
+        let put = |run: &[Entry]| match run.first() {
+            Some(first) => self
+                .sled(self.db_log.insert(idx_key(first.index), encode_record(run)))
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        // Records of up to 256 contiguous entries.
+        let mut run: Vec<Entry> = Vec::new();
         for item in old.iter() {
             let (k, v) = self.sled(item)?;
             let e = self.decode(key_index(&k), &v)?;
-            if run.last().is_some_and(|l: &Entry| l.index + 1 != e.index) || run.len() >= 256 {
-                self.sled(
-                    self.db_log
-                        .insert(idx_key(run[0].index), encode_record(&run)),
-                )?;
+            if run.last().is_some_and(|l| l.index + 1 != e.index) || run.len() >= 256 {
+                put(&run)?;
                 run.clear();
             }
             run.push(e);
         }
-        if let Some(first) = run.first() {
-            self.sled(
-                self.db_log
-                    .insert(idx_key(first.index), encode_record(&run)),
-            )?;
-        }
+        put(&run)?;
         self.flush()?;
         self.sled(self.db.drop_tree("log"))?;
         self.flush()
@@ -225,7 +235,7 @@ impl SledStorage {
                 {
                     break 'records;
                 }
-                bytes += e.data.len() + e.context.len();
+                bytes += weight(&e);
                 newest.push(e);
             }
         }
@@ -357,8 +367,7 @@ impl SledStorage {
         {
             // Not contiguous with what is cached (the cache had been trimmed
             // past the truncation point): start afresh from these entries.
-            cache.recent.clear();
-            cache.recent_bytes = 0;
+            cache.clear();
         }
         for e in entries {
             cache.push(e.clone());
@@ -398,7 +407,7 @@ impl SledStorage {
     /// Install a snapshot received from the leader: the log before it is gone.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
-        self.save_snapshot(meta.index, meta.term, meta.get_conf_state(), &snap.data)?;
+        self.write_snapshot(meta.clone(), &snap.data)?;
         let mut hs = self.cache().hard.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
@@ -407,8 +416,7 @@ impl SledStorage {
         // Entries after the snapshot may conflict with the leader's; drop all.
         self.sled(self.db_log.clear())?;
         let mut cache = self.cache();
-        cache.recent.clear();
-        cache.recent_bytes = 0;
+        cache.clear();
         cache.last = meta.index;
         Ok(())
     }
@@ -428,35 +436,37 @@ impl SledStorage {
             ..Default::default()
         };
         meta.set_conf_state(conf.clone());
-        self.sled(self.snapshot.insert(SNAP_DATA, data))?;
-        self.write(SNAP_META, &meta)?;
+        self.write_snapshot(meta, data)?;
         // Every record that ends at or before `index` goes; the one that
-        // holds `index` and entries after it stays.
-        let mut batch = sled::Batch::default();
-        let mut keys = self
-            .db_log
-            .range(..=idx_key(index))
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| StoreError::Sled {
-                path: self.path.clone(),
-                source,
-            })?;
-        if let Some(k) = keys.last() {
-            if self.record_holding(index)?.is_some_and(|(key, held)| {
-                key == key_index(k) && held.last().is_some_and(|e| e.index > index)
-            }) {
-                keys.pop();
-            }
+        // holds `index` and entries after it (the last key here) stays.
+        let mut keys = self.sled(
+            self.db_log
+                .range(..=idx_key(index))
+                .keys()
+                .collect::<Result<Vec<_>, _>>(),
+        )?;
+        let straddles = self
+            .record_holding(index)?
+            .is_some_and(|(_, held)| held.last().is_some_and(|e| e.index > index));
+        if straddles {
+            keys.pop();
         }
+        let mut batch = sled::Batch::default();
         for k in keys {
             batch.remove(k);
         }
         self.sled(self.db_log.apply_batch(batch))?;
         let mut cache = self.cache();
-        cache.snap = meta;
         cache.compact_to(index);
         cache.last = cache.last.max(index);
+        Ok(())
+    }
+
+    /// Store a snapshot's bytes and metadata (the log is left as it is).
+    fn write_snapshot(&self, meta: SnapshotMetadata, data: &[u8]) -> Result<(), StoreError> {
+        self.sled(self.snapshot.insert(SNAP_DATA, data))?;
+        self.write(SNAP_META, &meta)?;
+        self.cache().snap = meta;
         Ok(())
     }
 
@@ -473,23 +483,51 @@ impl SledStorage {
         Ok(Some((meta, data)))
     }
 
-    /// Entries `low..high` as sled holds them, fewer if the log ends first.
-    fn stored_entries(&self, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
-        let start = match self.record_holding(low)? {
-            Some((key, _)) => key,
-            None => low,
-        };
-        let mut out = Vec::new();
+    /// Append entries `low..high` as sled holds them to `out`, while they fit
+    /// in `max` bytes (see [`push_limited`]). `true` when the limit stopped
+    /// it; otherwise `out` got every entry sled has in the range.
+    fn stored_entries(
+        &self,
+        low: u64,
+        high: u64,
+        out: &mut Vec<Entry>,
+        size: &mut u64,
+        max: u64,
+    ) -> Result<bool, StoreError> {
+        // From the record that holds `low` (the greatest key at or below it).
+        let start = self
+            .sled(
+                self.db_log
+                    .range(..=idx_key(low))
+                    .keys()
+                    .next_back()
+                    .transpose(),
+            )?
+            .map_or(low, |k| key_index(&k));
         for item in self.db_log.range(idx_key(start)..idx_key(high)) {
             let (_, v) = self.sled(item)?;
-            out.extend(
-                self.decode_record(&v)?
-                    .into_iter()
-                    .filter(|e| e.index >= low && e.index < high),
-            );
+            for e in self.decode_record(&v)? {
+                if e.index < low || e.index >= high {
+                    continue;
+                }
+                if !push_limited(out, size, max, e) {
+                    return Ok(true);
+                }
+            }
         }
-        Ok(out)
+        Ok(false)
     }
+}
+
+/// Add `e` to `out` unless that takes `out` past `max` bytes; the first entry
+/// always goes in (raft-rs's rule for `max_size`). `false`: it did not fit.
+fn push_limited(out: &mut Vec<Entry>, size: &mut u64, max: u64, e: Entry) -> bool {
+    *size += u64::from(e.compute_size());
+    if !out.is_empty() && *size > max {
+        return false;
+    }
+    out.push(e);
+    true
 }
 
 /// A record: each entry as a little-endian `u32` length and its protobuf.
@@ -549,24 +587,27 @@ impl raft::Storage for SledStorage {
         }
         // Older than the cache: from sled, then the rest from memory.
         let cached_from = c.recent.front().map_or(high, |e| e.index.clamp(low, high));
-        let mut older = if low < cached_from {
-            self.stored_entries(low, cached_from).map_err(store_err)?
-        } else {
-            Vec::new()
-        };
-        if older.len() as u64 != cached_from - low {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        let cached = (cached_from..high).map(|i| c.get(i).cloned());
         let mut out = Vec::new();
         let mut size = 0u64;
-        for e in older.drain(..).map(Some).chain(cached) {
-            let e = e.ok_or(raft::Error::Store(StorageError::Unavailable))?;
-            size += u64::from(e.compute_size());
-            if !out.is_empty() && size > max {
+        if low < cached_from {
+            let full = self
+                .stored_entries(low, cached_from, &mut out, &mut size, max)
+                .map_err(store_err)?;
+            if full {
+                return Ok(out);
+            }
+            if out.len() as u64 != cached_from - low {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+        }
+        for i in cached_from..high {
+            let e = c
+                .get(i)
+                .cloned()
+                .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+            if !push_limited(&mut out, &mut size, max, e) {
                 break;
             }
-            out.push(e);
         }
         Ok(out)
     }
@@ -585,11 +626,10 @@ impl raft::Storage for SledStorage {
         if let Some(e) = c.get(idx) {
             return Ok(e.term);
         }
-        match self
-            .stored_entries(idx, idx + 1)
-            .map_err(store_err)?
-            .first()
-        {
+        let mut found = Vec::new();
+        self.stored_entries(idx, idx + 1, &mut found, &mut 0, u64::MAX)
+            .map_err(store_err)?;
+        match found.first() {
             Some(e) => Ok(e.term),
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
@@ -642,6 +682,16 @@ mod tests {
                 Err(e) => panic!("reopen {}: {e}", dir.display()),
             }
         }
+    }
+
+    /// What sled alone holds of `low..high`.
+    fn stored(s: &SledStorage, low: u64, high: u64) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let limited = s
+            .stored_entries(low, high, &mut out, &mut 0, u64::MAX)
+            .unwrap();
+        assert!(!limited);
+        out
     }
 
     fn entry(index: u64, term: u64) -> Entry {
@@ -728,6 +778,12 @@ mod tests {
                 all
             );
             assert_eq!(s.term(3).unwrap(), 1);
+            // A size limit stops the read from sled early, never below one entry.
+            let one = s.entries(1, n + 1, 1, GetEntriesContext::empty(false));
+            assert_eq!(one.unwrap(), all[..1]);
+            let three: u64 = all[..3].iter().map(|e| u64::from(e.compute_size())).sum();
+            let some = s.entries(1, n + 1, three, GetEntriesContext::empty(false));
+            assert_eq!(some.unwrap(), all[..3]);
             // A conflicting suffix that starts below the cached range.
             let replacement = vec![entry(400, 9), entry(401, 9)];
             s.append(&replacement).unwrap();
@@ -832,7 +888,7 @@ mod tests {
         assert_eq!(s.last_index().unwrap(), 600);
         let all: Vec<Entry> = (1..=600).map(|i| entry(i, 1)).collect();
         assert_eq!(
-            s.stored_entries(1, 601).unwrap(),
+            stored(&s, 1, 601),
             all,
             "read back from sled, not the cache"
         );
@@ -859,7 +915,7 @@ mod tests {
         s.save_snapshot(15, 1, &cs, b"state").unwrap();
         // Record 1..=10 is gone; 11..=20 holds 16.. and stays.
         assert_eq!(s.db_log.len(), 2);
-        assert_eq!(s.stored_entries(16, 31).unwrap().len(), 15);
+        assert_eq!(stored(&s, 16, 31).len(), 15);
         s.save_snapshot(20, 1, &cs, b"state").unwrap();
         assert_eq!(s.db_log.len(), 1, "a record that ends at the snapshot goes");
         assert_eq!(s.term(20).unwrap(), 1);

@@ -104,19 +104,25 @@ fn three_schedulers() -> anyhow::Result<muster_tests::Cluster> {
 }
 
 async fn concurrent(args: &[String]) -> anyhow::Result<()> {
+    // `--to leader`: every client writes to the leader, as clients that
+    // follow the leader hint do; `all` (the default) spreads them over the
+    // members, and followers forward.
+    let to_leader = match arg(args, "--to", "all").as_str() {
+        "all" => false,
+        "leader" => true,
+        other => anyhow::bail!("--to: {other:?} is neither `all` nor `leader`"),
+    };
     let own = if args.iter().any(|a| a == "--addr") {
         None
     } else {
         Some(three_schedulers()?)
     };
     let addrs: Vec<String> = match &own {
-        // `--to leader`: every client writes to the leader, as clients that
-        // follow the leader hint do; the default spreads them over all
-        // members, and followers forward.
-        Some(c) if arg(args, "--to", "all") == "leader" => {
+        Some(c) if to_leader => {
             vec![c.sched_addrs[c.wait_leader(Duration::from_secs(20))?].clone()]
         }
         Some(c) => c.sched_addrs.clone(),
+        None if to_leader => anyhow::bail!("--to leader: only without --addr (own cluster)"),
         None => arg(args, "--addr", "")
             .split(',')
             .map(str::to_string)
