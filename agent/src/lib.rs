@@ -166,7 +166,13 @@ pub async fn run(
             path: data_dir.clone(),
             source,
         })?;
+    // A new key every run: tickets issued for an earlier run stop working.
+    let log_key = muster_proto::ticket::new_key().map_err(|source| AgentError::DataDir {
+        path: "/dev/urandom".into(),
+        source,
+    })?;
     let node = session::NodeInfo {
+        log_key: log_key.clone(),
         name: cfg.node_name(),
         address: cfg.advertise.clone().unwrap_or_else(|| bound.to_string()),
         gpus,
@@ -175,6 +181,7 @@ pub async fn run(
         labels: cfg.labels.clone(),
     };
     tracing::info!(node = %node.name, address = %node.address, "agent starting");
+    let node_name = node.name.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let task_listener = task_socket::bind(&task_socket).map_err(|source| AgentError::DataDir {
         path: task_socket.clone(),
@@ -212,6 +219,8 @@ pub async fn run(
     ready();
     let local = muster_proto::agent_local_server::AgentLocalServer::new(local::LocalService::new(
         runtime.clone(),
+        node_name,
+        log_key,
     ));
     let result = server
         .add_service(local)

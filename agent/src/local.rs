@@ -1,6 +1,10 @@
 //! `AgentLocal`: the service each agent serves on its own address. Today it
 //! serves task logs (`muster logs`), from the files the shims write, while the
 //! task runs (with `follow`) and after it ended.
+//!
+//! Anyone who can reach the port can ask, so a read needs a ticket that a
+//! scheduler signed with this run's key after checking that the caller may
+//! see the job (`muster_proto::ticket`); every refusal is logged.
 
 use crate::task::Runtime;
 use muster_proto as pb;
@@ -20,12 +24,41 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// The local service.
 pub struct LocalService {
     runtime: Arc<Runtime>,
+    node: String,
+    key: Vec<u8>,
 }
 
 impl LocalService {
-    /// A service reading the runtime's log files.
-    pub fn new(runtime: Arc<Runtime>) -> LocalService {
-        LocalService { runtime }
+    /// A service reading the runtime's log files for the holders of tickets
+    /// for `node` signed with `key`.
+    pub fn new(runtime: Arc<Runtime>, node: String, key: Vec<u8>) -> LocalService {
+        LocalService { runtime, node, key }
+    }
+
+    /// Whether `req` carries a valid ticket for what it asks.
+    fn check(
+        &self,
+        req: &pb::LogRequest,
+        from: Option<std::net::SocketAddr>,
+    ) -> Result<(), pb::ticket::TicketError> {
+        let now = muster_proto::daemon::now_ms();
+        pb::ticket::verify(
+            &self.key,
+            req.ticket.as_ref(),
+            &self.node,
+            req.job_id,
+            req.task_index,
+            now,
+        )
+        .inspect_err(|e| {
+            tracing::warn!(
+                job = req.job_id,
+                task = req.task_index,
+                from = ?from,
+                error = %e,
+                "log read refused"
+            );
+        })
     }
 }
 
@@ -105,7 +138,10 @@ impl AgentLocal for LocalService {
     type ReadLogsStream = LogStream;
 
     async fn read_logs(&self, req: Request<pb::LogRequest>) -> Result<Response<LogStream>, Status> {
+        let from = req.remote_addr();
         let req = req.into_inner();
+        self.check(&req, from)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
         let mut streams: Vec<pb::LogStream> = req
             .streams
             .iter()

@@ -26,6 +26,9 @@ pub struct NodeInfo {
     pub cpu_millis: u32,
     pub memory_bytes: u64,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// This run's log-ticket key (`muster_proto::ticket`), sent at
+    /// registration.
+    pub log_key: Vec<u8>,
 }
 
 /// The newest Raft term whose orders this agent followed, kept on disk.
@@ -184,6 +187,7 @@ async fn session(
         running: runtime.inventory(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         seen_term: fence.term,
+        log_key: node.log_key.clone(),
     };
     send(&tx, pb::agent_message::Kind::Register(register)).await?;
     let mut inbound = client

@@ -131,6 +131,7 @@ forward! { Muster, Forwarder, MusterClient,
     delete_tenant(pb::DeleteTenantRequest) -> pb::DeleteTenantResponse;
     status(pb::StatusRequest) -> pb::StatusResponse;
     drain_node(pb::DrainNodeRequest) -> pb::NodeInfo;
+    log_access(pb::LogAccessRequest) -> pb::LogAccessResponse;
 }
 
 /// The security calls, over the same channel.

@@ -460,6 +460,27 @@ impl Scheduler {
         }
     }
 
+    /// Where task `task` of job `job` ran, and a ticket its agent accepts
+    /// for reading its output (refused unless we may see the job in full).
+    pub async fn log_access(
+        &mut self,
+        job: u64,
+        task: u32,
+    ) -> Result<muster_proto::LogAccessResponse, ClientError> {
+        let req = muster_proto::LogAccessRequest {
+            job_id: job,
+            task_index: task,
+        };
+        match self.inner.log_access(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(
+                s,
+                "read logs",
+                Some(&format!("logs of task {task} of job {job}")),
+            )),
+        }
+    }
+
     /// Active jobs, or all jobs with `all`.
     pub async fn list_jobs(&mut self, all: bool) -> Result<Vec<JobInfo>, ClientError> {
         match self.inner.list_jobs(ListJobsRequest { all }).await {

@@ -327,6 +327,16 @@ impl Muster for ClientApi {
         Ok(Response::new(convert::node_to_pb(&state, node, 0)))
     }
 
+    async fn log_access(
+        &self,
+        req: Request<pb::LogAccessRequest>,
+    ) -> Result<Response<pb::LogAccessResponse>, Status> {
+        let who = self.ctx.authenticate(&req, "log-access")?;
+        self.ctx.linearize(&req).await?;
+        let state = self.ctx.raft.state();
+        super::logs::access(&state, &who, req.get_ref(), now_ms()).map(Response::new)
+    }
+
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,

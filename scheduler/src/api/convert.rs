@@ -267,6 +267,13 @@ pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<T
         })
         .collect();
     let labels: BTreeMap<String, String> = r.labels.clone().into_iter().collect();
+    if r.log_key.len() != pb::ticket::KEY_LEN {
+        return Err(Status::invalid_argument(format!(
+            "register: log_key must be {} bytes, got {} (an agent older than its scheduler?)",
+            pb::ticket::KEY_LEN,
+            r.log_key.len()
+        )));
+    }
     Ok((
         NodeRegistration {
             name: r.node.clone(),
@@ -275,6 +282,7 @@ pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<T
             cpu_millis: r.cpu_millis,
             memory_bytes: r.memory_bytes,
             labels,
+            log_key: r.log_key.clone(),
         },
         running,
     ))

@@ -22,6 +22,7 @@ pub mod agent;
 pub mod client;
 pub mod convert;
 pub mod limits;
+pub mod logs;
 pub mod peer;
 pub mod security;
 pub mod tenants;

@@ -308,6 +308,9 @@ pub struct Node {
     /// Set by `muster node drain` (the reason): running work finishes,
     /// nothing new is placed. Cleared by `muster node resume`.
     pub drain: Option<String>,
+    /// The key the agent verifies log tickets with (sent at registration,
+    /// new on every agent start); never shown by any API.
+    pub log_key: Vec<u8>,
 }
 
 impl Node {

@@ -226,6 +226,7 @@ impl State {
                 state: NodeState::Ready,
                 registered_at_ms,
                 drain,
+                log_key: reg.log_key.clone(),
             },
         );
         // Tasks the scheduler believes run there but the agent no longer has.

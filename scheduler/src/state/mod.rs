@@ -41,6 +41,9 @@ pub struct NodeRegistration {
     pub cpu_millis: u32,
     pub memory_bytes: u64,
     pub labels: BTreeMap<String, String>,
+    /// The agent's secret for log tickets (`muster_proto::ticket`); never
+    /// shown by any API.
+    pub log_key: Vec<u8>,
 }
 
 /// A task the agent says it still has (running, or exited but not yet reported).

@@ -25,6 +25,7 @@ pub(crate) fn node(name: &str, gpus: u32) -> NodeRegistration {
         cpu_millis: 64_000,
         memory_bytes: 512 << 30,
         labels: Default::default(),
+        log_key: vec![7; 32],
     }
 }
 
