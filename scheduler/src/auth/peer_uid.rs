@@ -44,22 +44,32 @@ fn kernel_hex(addr: SocketAddr, v6: bool) -> Option<String> {
     Some(out)
 }
 
-/// In a `tcp` (`v6` false) or `tcp6` table: the uid column of the row whose
-/// local address is `peer` and remote address `local`.
+/// The kernel's code for `TCP_ESTABLISHED` in the `st` column.
+const ESTABLISHED: &str = "01";
+
+/// In a `tcp` (`v6` false) or `tcp6` table: the uid column of the
+/// established row whose local address is `peer` and remote address `local`.
+///
+/// Only an established row is the caller's live socket: the same address
+/// pair can also appear in rows of closed connections (TIME_WAIT and the
+/// like, which the kernel lists with uid 0), and believing one of those would
+/// make any caller root.
 pub fn find_uid(table: &str, v6: bool, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     let pair = format!("{} {}", kernel_hex(peer, v6)?, kernel_hex(local, v6)?);
-    let at = table.find(&pair)?;
-    let start = table[..at].rfind('\n').map_or(0, |i| i + 1);
-    let end = table[at..].find('\n').map_or(table.len(), |i| at + i);
-    uid_in_row(&table[start..end], peer, local)
+    table.match_indices(&pair).find_map(|(at, _)| {
+        let start = table[..at].rfind('\n').map_or(0, |i| i + 1);
+        let end = table[at..].find('\n').map_or(table.len(), |i| at + i);
+        uid_in_row(&table[start..end], peer, local)
+    })
 }
 
-/// The uid of one row, if it is the row of `peer`'s socket connected to `local`.
+/// The uid of one row, if it is the row of `peer`'s socket connected to
+/// `local` and the connection is established.
 fn uid_in_row(line: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     let mut cols = line.split_whitespace();
-    let (l, r) = (cols.nth(1)?, cols.next()?);
-    let uid = cols.nth(4)?;
-    (parse_addr(l)? == peer && parse_addr(r)? == local)
+    let (l, r, st) = (cols.nth(1)?, cols.next()?, cols.next()?);
+    let uid = cols.nth(3)?;
+    (st == ESTABLISHED && parse_addr(l)? == peer && parse_addr(r)? == local)
         .then(|| uid.parse().ok())
         .flatten()
 }
@@ -109,6 +119,26 @@ mod tests {
         assert_eq!(find_uid(TABLE, false, server, client), Some(0));
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(find_uid(TABLE, false, other, server), None);
+    }
+
+    #[test]
+    fn only_an_established_row_counts() {
+        let server: SocketAddr = "127.0.0.1:7470".parse().unwrap();
+        let client: SocketAddr = "127.0.0.1:54321".parse().unwrap();
+        // A closed connection with the same addresses (TIME_WAIT, listed
+        // with uid 0) before the live one: the live one's owner answers.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:D431 0100007F:1D2E 06 00000000:00000000 03:00000123 00000000     0        0 0 3 0
+   1: 0100007F:D431 0100007F:1D2E 01 00000000:00000000 00:00000000 00000000  1000        0 2 1 0 20 4 30 10 -1
+";
+        assert_eq!(find_uid(table, false, client, server), Some(1000));
+        // Only closed rows (TIME_WAIT, FIN_WAIT2, CLOSE_WAIT): nobody.
+        for st in ["06", "05", "08", "07"] {
+            let row = format!(
+                "   0: 0100007F:D431 0100007F:1D2E {st} 00000000:00000000 03:00000123 00000000     0        0 0 3 0\n"
+            );
+            assert_eq!(find_uid(&row, false, client, server), None, "state {st}");
+        }
     }
 
     #[test]

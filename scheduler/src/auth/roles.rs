@@ -79,6 +79,35 @@ fn tenant_right(
     ))
 }
 
+/// May `who` make `tenant` (with `members` once changed) the default tenant
+/// of `users`? Only for themselves, or as a cluster admin: a default decides
+/// where a user's jobs (command, environment, output) go, so a tenant admin
+/// who could set it would capture other users' jobs. And only to a tenant
+/// the user may submit to (a member, or a tenant without a member list).
+fn defaults_right(
+    who: &Principal,
+    tenant: &str,
+    members: &std::collections::BTreeSet<String>,
+    users: &[String],
+) -> Result<(), String> {
+    for u in users {
+        if !who.cluster_admin && *u != who.name {
+            return Err(format!(
+                "permission denied: {} may not make {tenant} the default tenant of {u} \
+                 (needs to be {u}, or cluster-admin)",
+                who.name
+            ));
+        }
+        if !members.is_empty() && !members.contains(u) {
+            return Err(format!(
+                "permission denied: {tenant} cannot be the default tenant of {u}: {u} is \
+                 not a member of {tenant}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// May `who` apply `cmd` to `state`? A denial names the missing right.
 pub fn check(state: &State, who: &Principal, cmd: &Command) -> Result<(), String> {
     match cmd {
@@ -116,8 +145,12 @@ pub fn check(state: &State, who: &Principal, cmd: &Command) -> Result<(), String
             )),
             _ => Ok(()),
         },
-        Command::CreateTenant { tenant, .. } => {
-            tenant_right(state, who, &tenant.name, true, "create")
+        Command::CreateTenant {
+            tenant,
+            default_for,
+        } => {
+            tenant_right(state, who, &tenant.name, true, "create")?;
+            defaults_right(who, &tenant.name, &tenant.members, default_for)
         }
         Command::UpdateTenant { name, patch } => {
             let quota = patch.guarantee_gpus.is_some()
@@ -125,11 +158,23 @@ pub fn check(state: &State, who: &Principal, cmd: &Command) -> Result<(), String
                 || patch.cpu_limit_millis.is_some()
                 || patch.memory_limit_bytes.is_some()
                 || patch.weight.is_some();
+            let members = !(patch.add_members.is_empty() && patch.remove_members.is_empty());
             if quota {
-                tenant_right(state, who, name, true, "change the quota of")
-            } else {
-                tenant_right(state, who, name, false, "change the members of")
+                tenant_right(state, who, name, true, "change the quota of")?;
+            } else if members || patch.default_for.is_empty() {
+                tenant_right(state, who, name, false, "change the members of")?;
             }
+            // The members the tenant will have once the patch is applied.
+            let mut after = state
+                .tenants
+                .get(name)
+                .map(|t| t.members.clone())
+                .unwrap_or_default();
+            after.extend(patch.add_members.iter().cloned());
+            for u in &patch.remove_members {
+                after.remove(u);
+            }
+            defaults_right(who, name, &after, &patch.default_for)
         }
         Command::DeleteTenant { name } => tenant_right(state, who, name, true, "delete"),
         Command::SetTenantAdmins { tenant, .. } => {

@@ -266,3 +266,94 @@ fn user_names_are_checked() {
     assert!(check_user_name("a b").is_err());
     assert!(check_user_name(&"x".repeat(MAX_USER_LEN + 1)).is_err());
 }
+
+fn default_for(tenant: &str, users: &[&str]) -> Command {
+    Command::UpdateTenant {
+        name: tenant.into(),
+        patch: Box::new(TenantPatch {
+            default_for: users.iter().map(|u| u.to_string()).collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A tenant admin may not decide where another user's jobs go (issue 18
+/// #5): only the user or a cluster admin sets a default, and only to a
+/// tenant the user may submit to. Checked here and again at apply.
+#[test]
+fn only_the_user_or_a_cluster_admin_sets_a_default_tenant() {
+    let mut s = state();
+    // nora administers ml/nlp; alice is a member there. ann administers ml
+    // (open: no member list); bob is a member of ml/cv only.
+    let capture = [
+        (
+            "nora",
+            default_for("ml/nlp", &["alice"]),
+            "default tenant of alice",
+        ),
+        ("ann", default_for("ml", &["bob"]), "default tenant of bob"),
+        (
+            "ann",
+            Command::CreateTenant {
+                tenant: Box::new(Tenant::open("ml/trap")),
+                default_for: vec!["alice".into()],
+            },
+            "default tenant of alice",
+        ),
+        // Adding the victim as a member in the same request changes nothing.
+        (
+            "nora",
+            Command::UpdateTenant {
+                name: "ml/nlp".into(),
+                patch: Box::new(TenantPatch {
+                    add_members: vec!["bob".into()],
+                    default_for: vec!["bob".into()],
+                    ..Default::default()
+                }),
+            },
+            "default tenant of bob",
+        ),
+        // The user themselves, but not to a tenant they are no member of.
+        (
+            "alice",
+            default_for("ml/cv", &["alice"]),
+            "not a member of ml/cv",
+        ),
+    ];
+    for (name, cmd, needle) in capture {
+        let e = check(&s, &who(name, false), &cmd).expect_err(needle);
+        assert!(e.contains(needle), "{name}: {e}");
+        let before = s.user_defaults.clone();
+        let r = ap(&mut s, &who(name, false), 1, &cmd);
+        assert!(
+            matches!(&r, ApplyResult::Denied(m) if m.contains(needle)),
+            "{r:?}"
+        );
+        assert_eq!(s.user_defaults, before, "{name}: {cmd:?}");
+    }
+    // Alice picks her own default (no tenant right needed), to a tenant she
+    // is a member of or to an open one; a cluster admin picks anyone's.
+    let alice = who("alice", false);
+    assert_eq!(
+        ap(&mut s, &alice, 2, &default_for("ml/nlp", &["alice"])),
+        ApplyResult::Applied
+    );
+    assert_eq!(s.user_defaults["alice"], "ml/nlp");
+    assert_eq!(
+        ap(&mut s, &alice, 3, &default_for("ml", &["alice"])),
+        ApplyResult::Applied
+    );
+    assert_eq!(s.user_defaults["alice"], "ml");
+    let root = who("root", true);
+    assert_eq!(
+        ap(&mut s, &root, 4, &default_for("ml/cv", &["bob"])),
+        ApplyResult::Applied
+    );
+    assert_eq!(s.user_defaults["bob"], "ml/cv");
+    // Even a cluster admin cannot point a default at a closed tenant.
+    let r = ap(&mut s, &root, 5, &default_for("ml/cv", &["alice"]));
+    assert!(
+        matches!(&r, ApplyResult::Denied(m) if m.contains("not a member")),
+        "{r:?}"
+    );
+}
