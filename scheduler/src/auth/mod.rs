@@ -203,9 +203,7 @@ impl Auth {
         user: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
         from: String,
     ) -> Result<Principal, String> {
-        let agent = self
-            .daemon(req, Daemon::Agent)
-            .map_err(|s| format!("only an agent may speak for a local user: {}", s.message()))?;
+        let agent = self.vouching_agent(req)?;
         let name = user
             .to_str()
             .map_err(|_| "on-behalf-of: not text".to_string())?
@@ -224,7 +222,36 @@ impl Auth {
         })
     }
 
+    /// The agent allowed to speak for a user of its host: one that proved who
+    /// it is, with an `agent:` certificate or as root (or this scheduler's
+    /// own uid) on this host, identified by the kernel. Never one accepted
+    /// only because the cluster is `insecure`: anyone could claim to be it.
+    fn vouching_agent<T>(&self, req: &Request<T>) -> Result<String, String> {
+        if self.tls {
+            return self
+                .daemon(req, Daemon::Agent)
+                .map_err(|s| format!("only an agent may speak for a local user: {}", s.message()));
+        }
+        match PeerInfo::of(req).and_then(|p| p.uid) {
+            Some(u) if u == 0 || u == self.own_uid => Ok(format!("agent:uid-{u}")),
+            Some(u) => Err(format!(
+                "only an agent may speak for a local user: the caller runs as uid {u}, not \
+                 as root or the scheduler's user"
+            )),
+            None => Err(
+                "only an agent may speak for a local user: without TLS, only an agent \
+                 on the scheduler's own host running as root may (configure [tls] for agents \
+                 on other hosts)"
+                    .to_string(),
+            ),
+        }
+    }
+
     /// Check that a daemon of `kind` is calling; returns its name (`agent:NAME`).
+    ///
+    /// With `insecure = true` a caller that cannot be identified (another
+    /// host) is believed; one the kernel identifies as an unprivileged user
+    /// of this host never is.
     pub fn daemon<T>(&self, req: &Request<T>, kind: Daemon) -> Result<String, Status> {
         if self.tls {
             return match peer_cn(req) {
@@ -238,12 +265,14 @@ impl Auth {
                 ))),
             };
         }
-        if self.insecure {
-            return Ok(format!("{}insecure", kind.prefix()));
-        }
         let uid = PeerInfo::of(req).and_then(|p| p.uid);
         match uid {
             Some(u) if u == 0 || u == self.own_uid => Ok(format!("{}uid-{u}", kind.prefix())),
+            Some(u) if self.insecure => Err(Status::permission_denied(format!(
+                "permission denied: uid {u} of this host is a user, not a daemon; only root or \
+                 the scheduler's user may connect here"
+            ))),
+            None if self.insecure => Ok(format!("{}insecure", kind.prefix())),
             _ => Err(Status::permission_denied(
                 "permission denied: without TLS only a local daemon running as root or as \
                  the scheduler's user may connect here (configure [tls], or insecure = true)",
@@ -429,5 +458,69 @@ mod tests {
             ..Default::default()
         });
         assert!(insecure.daemon(&Request::new(()), Daemon::Node).is_ok());
+        // A local user the kernel names is never a daemon, insecure or not.
+        let user = from_uid(4242, Request::new(()));
+        for a in [&a, &insecure] {
+            let e = a.daemon(&user, Daemon::Node).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        }
+        assert!(insecure
+            .daemon(&from_uid(0, Request::new(())), Daemon::Agent)
+            .is_ok());
+    }
+
+    fn from_uid<T>(uid: u32, mut r: Request<T>) -> Request<T> {
+        r.extensions_mut().insert(PeerInfo {
+            remote: Some("127.0.0.1:40000".parse().unwrap()),
+            local: Some("127.0.0.1:7470".parse().unwrap()),
+            uid: Some(uid),
+        });
+        r
+    }
+
+    fn on_behalf_of(user: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert(muster_proto::headers::ON_BEHALF_OF, user.parse().unwrap());
+        r.metadata_mut()
+            .insert(muster_proto::headers::PEER_UID, "1000".parse().unwrap());
+        r
+    }
+
+    /// Issue 18 #4: `insecure = true` once made anyone a daemon, and a
+    /// daemon's on-behalf-of header was believed: any caller became anyone.
+    #[test]
+    fn only_a_proven_agent_speaks_for_a_user() {
+        let s = State::new();
+        for insecure in [false, true] {
+            let a = Auth::new(&crate::config::SchedulerConfig {
+                insecure,
+                cluster_admins: vec!["alice".into()],
+                ..Default::default()
+            });
+            // Unknown caller (another host, or no socket at all).
+            let e = a.authenticate(&s, &on_behalf_of("alice"), "x").unwrap_err();
+            assert_eq!(
+                e.code(),
+                tonic::Code::Unauthenticated,
+                "insecure {insecure}"
+            );
+            assert!(
+                e.message().contains("only an agent may speak"),
+                "{}",
+                e.message()
+            );
+            // A local unprivileged user claiming to be an agent.
+            let e = a
+                .authenticate(&s, &from_uid(4242, on_behalf_of("alice")), "x")
+                .unwrap_err();
+            assert!(e.message().contains("uid 4242"), "{}", e.message());
+            // Root's agent on this host vouches for its user.
+            let p = a
+                .authenticate(&s, &from_uid(0, on_behalf_of("alice")), "x")
+                .unwrap();
+            assert_eq!((p.name.as_str(), p.cluster_admin), ("alice", true));
+            assert_eq!(p.via, "agent:uid-0 socket uid 1000");
+        }
     }
 }
