@@ -47,6 +47,9 @@ pub enum StoreError {
         key: String,
         message: String,
     },
+    /// A test's crash point stopped a write (see [`crash_point`]).
+    #[error("simulated crash at \"{0}\"")]
+    Crashed(&'static str),
 }
 
 /// What is held in memory, always equal to what sled holds (or will hold
@@ -141,6 +144,52 @@ fn store_err(e: impl std::fmt::Display) -> raft::Error {
     raft::Error::Store(StorageError::Other(e.to_string().into()))
 }
 
+/// Crash points inside a snapshot's transaction: a test arms one with
+/// [`crash::arm`] and the transaction stops there, as a process killed
+/// between two of the writes would. (Outside tests they do nothing.)
+pub(crate) const CRASH_SNAPSHOT_DATA: &str = "snapshot: bytes written, metadata not";
+pub(crate) const CRASH_SNAPSHOT_META: &str = "snapshot: metadata written, hard state not";
+pub(crate) const CRASH_SNAPSHOT_HARD_STATE: &str = "snapshot: hard state written, log not";
+
+#[cfg(test)]
+pub(crate) mod crash {
+    use std::cell::Cell;
+
+    thread_local! {
+        static ARMED: Cell<Option<&'static str>> = const { Cell::new(None) };
+    }
+
+    /// Make the next pass through `point` on this thread fail.
+    pub(crate) fn arm(point: &'static str) {
+        ARMED.with(|a| a.set(Some(point)));
+    }
+
+    /// Whether `point` is armed (disarming it).
+    pub(crate) fn hit(point: &'static str) -> bool {
+        ARMED.with(|a| {
+            if a.get() == Some(point) {
+                a.set(None);
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+fn crash_point(
+    point: &'static str,
+) -> Result<(), sled::transaction::ConflictableTransactionError<&'static str>> {
+    #[cfg(test)]
+    if crash::hit(point) {
+        return Err(sled::transaction::ConflictableTransactionError::Abort(
+            point,
+        ));
+    }
+    let _ = point;
+    Ok(())
+}
+
 impl SledStorage {
     /// Open (or create) the database in `dir`.
     pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
@@ -220,6 +269,10 @@ impl SledStorage {
             snap: self.read(SNAP_META)?.unwrap_or_default(),
             ..Default::default()
         };
+        // A snapshot holds only committed entries. Data folders written
+        // before the snapshot and hard state were one transaction can hold a
+        // durable commit below it, which raft-rs refuses at start.
+        c.hard.commit = c.hard.commit.max(c.snap.index);
         c.last = c.snap.index;
         if let Some((_, v)) = self.sled(self.db_log.last())? {
             if let Some(e) = self.decode_record(&v)?.last() {
@@ -405,24 +458,30 @@ impl SledStorage {
     }
 
     /// Install a snapshot received from the leader: the log before it is gone.
+    /// The snapshot's bytes and metadata, the hard state, the conf state and
+    /// the cleared log are one sled transaction: a crash leaves either the
+    /// old storage or the new, never a snapshot whose metadata names other
+    /// bytes or a hard state whose commit lies outside the log.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
-        self.write_snapshot(meta.clone(), &snap.data)?;
         let mut hs = self.cache().hard.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
-        self.set_hard_state(&hs)?;
-        self.set_conf_state(meta.get_conf_state())?;
         // Entries after the snapshot may conflict with the leader's; drop all.
-        self.sled(self.db_log.clear())?;
+        let mut clear = sled::Batch::default();
+        for k in self.db_log.iter().keys() {
+            clear.remove(self.sled(k)?);
+        }
+        self.commit_snapshot(meta, &snap.data, &hs, Some(meta.get_conf_state()), clear)?;
         let mut cache = self.cache();
         cache.clear();
         cache.last = meta.index;
+        cache.conf = Some(meta.get_conf_state().clone());
         Ok(())
     }
 
     /// Record a snapshot of our own state machine at `index` and compact the
-    /// log up to it.
+    /// log up to it, in one sled transaction (see [`Self::apply_snapshot`]).
     pub fn save_snapshot(
         &self,
         index: u64,
@@ -436,7 +495,6 @@ impl SledStorage {
             ..Default::default()
         };
         meta.set_conf_state(conf.clone());
-        self.write_snapshot(meta, data)?;
         // Every record that ends at or before `index` goes; the one that
         // holds `index` and entries after it (the last key here) stays.
         let mut keys = self.sled(
@@ -451,22 +509,75 @@ impl SledStorage {
         if straddles {
             keys.pop();
         }
-        let mut batch = sled::Batch::default();
+        let mut compact = sled::Batch::default();
         for k in keys {
-            batch.remove(k);
+            compact.remove(k);
         }
-        self.sled(self.db_log.apply_batch(batch))?;
+        // The hard state goes with the snapshot: a commit index written later
+        // (by `flush`) could be lost in a crash, leaving the durable commit
+        // below the snapshot, which raft-rs refuses at start.
+        let mut hs = self.cache().hard.clone();
+        hs.commit = hs.commit.max(index);
+        self.commit_snapshot(&meta, data, &hs, None, compact)?;
         let mut cache = self.cache();
         cache.compact_to(index);
         cache.last = cache.last.max(index);
         Ok(())
     }
 
-    /// Store a snapshot's bytes and metadata (the log is left as it is).
-    fn write_snapshot(&self, meta: SnapshotMetadata, data: &[u8]) -> Result<(), StoreError> {
-        self.sled(self.snapshot.insert(SNAP_DATA, data))?;
-        self.write(SNAP_META, &meta)?;
-        self.cache().snap = meta;
+    /// Write a snapshot with everything that must change with it as one
+    /// transaction: its bytes, its metadata, the hard state, the conf state
+    /// (when given) and the log's `changes`. Updates the cached metadata and
+    /// hard state; the caller updates the cached log.
+    fn commit_snapshot(
+        &self,
+        meta: &SnapshotMetadata,
+        data: &[u8],
+        hs: &HardState,
+        conf: Option<&ConfState>,
+        changes: sled::Batch,
+    ) -> Result<(), StoreError> {
+        use sled::transaction::{TransactionError, Transactional};
+        let corrupt = |key: &str, e: protobuf::ProtobufError| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: key.to_string(),
+            message: e.to_string(),
+        };
+        let data = sled::IVec::from(data);
+        let meta_bytes =
+            sled::IVec::from(meta.write_to_bytes().map_err(|e| corrupt(SNAP_META, e))?);
+        let hs_bytes = sled::IVec::from(hs.write_to_bytes().map_err(|e| corrupt(HARD_STATE, e))?);
+        let conf_bytes = conf
+            .map(|c| c.write_to_bytes().map_err(|e| corrupt(CONF_STATE, e)))
+            .transpose()?
+            .map(sled::IVec::from);
+        let result = (&self.snapshot, &self.meta, &self.db_log).transaction(|(snap, m, log)| {
+            snap.insert(SNAP_DATA, data.clone())?;
+            crash_point(CRASH_SNAPSHOT_DATA)?;
+            m.insert(SNAP_META, meta_bytes.clone())?;
+            crash_point(CRASH_SNAPSHOT_META)?;
+            m.insert(HARD_STATE, hs_bytes.clone())?;
+            crash_point(CRASH_SNAPSHOT_HARD_STATE)?;
+            if let Some(c) = &conf_bytes {
+                m.insert(CONF_STATE, c.clone())?;
+            }
+            log.apply_batch(&changes)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Storage(source)) => {
+                return Err(StoreError::Sled {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+            Err(TransactionError::Abort(point)) => return Err(StoreError::Crashed(point)),
+        }
+        let mut c = self.cache();
+        c.snap = meta.clone();
+        c.hard = hs.clone();
+        c.hard_unwritten = false;
         Ok(())
     }
 
@@ -923,5 +1034,190 @@ mod tests {
             s.term(19),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
+    }
+
+    /// A log 1..=10 in records of five, commit 8, and a snapshot at 5 whose
+    /// bytes name their index.
+    fn crash_fixture(dir: &Path) {
+        let s = SledStorage::open(dir).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        for lo in [1, 6] {
+            s.append(&(lo..lo + 5).map(|i| entry(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        s.set_hard_state(&HardState {
+            term: 1,
+            vote: 1,
+            commit: 8,
+            ..Default::default()
+        })
+        .unwrap();
+        let cs = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        s.save_snapshot(5, 1, &cs, b"state@5").unwrap();
+        s.flush().unwrap();
+    }
+
+    /// What raft-rs and the driver need of storage at start: the snapshot's
+    /// bytes are the ones its metadata names, the commit lies between the
+    /// snapshot and the last entry, every entry after the snapshot reads,
+    /// and raft-rs starts on it.
+    fn assert_consistent(s: &SledStorage) {
+        let (meta, data) = s.load_snapshot().unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(data).unwrap(),
+            format!("state@{}", meta.index),
+            "snapshot bytes do not match its metadata"
+        );
+        let st = s.initial_state().unwrap();
+        let (first, last) = (s.first_index().unwrap(), s.last_index().unwrap());
+        assert_eq!(first, meta.index + 1);
+        assert!(
+            st.hard_state.commit >= meta.index && st.hard_state.commit <= last,
+            "commit {} outside [{}, {last}]",
+            st.hard_state.commit,
+            meta.index
+        );
+        let es = s
+            .entries(first, last + 1, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es.len() as u64, last + 1 - first);
+        let cfg = raft::Config {
+            id: 1,
+            applied: meta.index,
+            ..Default::default()
+        };
+        let node = raft::RawNode::new(&cfg, s.clone(), &super::super::logger::logger());
+        assert!(node.is_ok(), "raft-rs refuses the storage");
+    }
+
+    const CRASH_POINTS: [&str; 3] = [
+        CRASH_SNAPSHOT_DATA,
+        CRASH_SNAPSHOT_META,
+        CRASH_SNAPSHOT_HARD_STATE,
+    ];
+
+    #[test]
+    fn a_crash_while_installing_a_snapshot_leaves_the_old_storage_or_the_new() {
+        for point in CRASH_POINTS {
+            let dir = tempfile::tempdir().unwrap();
+            crash_fixture(dir.path());
+            let s = reopen(dir.path());
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = 20;
+            snap.mut_metadata().term = 3;
+            snap.mut_metadata().mut_conf_state().voters = vec![1];
+            snap.data = b"state@20".to_vec().into();
+            crash::arm(point);
+            assert!(
+                matches!(s.apply_snapshot(&snap), Err(StoreError::Crashed(p)) if p == point),
+                "{point}"
+            );
+            s.flush().unwrap();
+            drop(s);
+            let s = reopen(dir.path());
+            assert_consistent(&s);
+            assert_eq!(s.load_snapshot().unwrap().unwrap().0.index, 5, "{point}");
+            assert_eq!(s.last_index().unwrap(), 10, "{point}");
+            // The same install after the restart goes through whole.
+            s.apply_snapshot(&snap).unwrap();
+            s.flush().unwrap();
+            drop(s);
+            let s = reopen(dir.path());
+            assert_consistent(&s);
+            assert_eq!(s.initial_state().unwrap().hard_state.commit, 20);
+            assert_eq!(s.last_index().unwrap(), 20);
+        }
+    }
+
+    #[test]
+    fn a_crash_while_taking_a_snapshot_leaves_the_old_storage_or_the_new() {
+        for point in CRASH_POINTS {
+            let dir = tempfile::tempdir().unwrap();
+            crash_fixture(dir.path());
+            let s = reopen(dir.path());
+            let cs = ConfState {
+                voters: vec![1],
+                ..Default::default()
+            };
+            crash::arm(point);
+            assert!(
+                matches!(s.save_snapshot(8, 1, &cs, b"state@8"), Err(StoreError::Crashed(p)) if p == point),
+                "{point}"
+            );
+            s.flush().unwrap();
+            drop(s);
+            let s = reopen(dir.path());
+            assert_consistent(&s);
+            assert_eq!(s.load_snapshot().unwrap().unwrap().0.index, 5, "{point}");
+            s.save_snapshot(8, 1, &cs, b"state@8").unwrap();
+            drop(s);
+            let s = reopen(dir.path());
+            assert_consistent(&s);
+            assert_eq!(s.first_index().unwrap(), 9);
+        }
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_its_commit_reached_disk_keeps_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.bootstrap(vec![1]).unwrap();
+            s.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+            s.set_hard_state(&HardState {
+                term: 1,
+                commit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+            s.flush().unwrap();
+            // Commit 9 is known in memory only (it reaches sled with the
+            // next flush); the snapshot at 9 must not outrun it on disk.
+            s.set_commit(9);
+            let cs = ConfState {
+                voters: vec![1],
+                ..Default::default()
+            };
+            s.save_snapshot(9, 1, &cs, b"state@9").unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert_consistent(&s);
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 9);
+    }
+
+    #[test]
+    fn an_old_data_folder_with_a_commit_below_its_snapshot_is_repaired_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What a crash between the old code's separate writes left.
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.bootstrap(vec![1]).unwrap();
+            let mut meta = SnapshotMetadata {
+                index: 7,
+                term: 2,
+                ..Default::default()
+            };
+            meta.mut_conf_state().voters = vec![1];
+            s.write(SNAP_META, &meta).unwrap();
+            s.snapshot.insert(SNAP_DATA, &b"state@7"[..]).unwrap();
+            s.write(
+                HARD_STATE,
+                &HardState {
+                    term: 2,
+                    commit: 3,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 7);
+        assert_consistent(&s);
     }
 }
