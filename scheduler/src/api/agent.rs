@@ -61,7 +61,7 @@ impl AgentApi for AgentService {
         };
         let (node, running) = convert::registration_from_pb(&reg)?;
         let name = node.name.clone();
-        check_agent(&self.ctx, caller, &name, from)?;
+        check_agent(&self.ctx, caller, &name, from.clone())?;
         self.ctx
             .propose(Command::RegisterNode {
                 node,
@@ -84,7 +84,7 @@ impl AgentApi for AgentService {
         tx.send(Ok(registered))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
-        tokio::spawn(run_session(self.ctx.clone(), name, inbound, tx));
+        tokio::spawn(run_session(self.ctx.clone(), name, from, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -133,6 +133,7 @@ fn check_agent(
 async fn run_session(
     ctx: Arc<Ctx>,
     node: String,
+    from: String,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
 ) {
@@ -188,7 +189,7 @@ async fn run_session(
                         }
                         continue;
                     }
-                    if let Err(e) = handle_message(&ctx, &node, m).await {
+                    if let Err(e) = handle_message(&ctx, &node, &from, m).await {
                         tracing::warn!(node = %node, "agent message not applied: {e}");
                     }
                 }
@@ -205,6 +206,9 @@ async fn run_session(
 
 /// Header naming the leader's address on a "not the leader" answer.
 pub const LEADER_HEADER: &str = "muster-leader";
+/// Set on every not-leader refusal, with or without a known leader: the
+/// agent then retries soon (an election is under way) instead of backing off.
+pub const NOT_LEADER_HEADER: &str = "muster-not-leader";
 
 /// `Unavailable`, with the leader's address in a header when it is known.
 pub fn not_leader(ctx: &Ctx, leader: u64) -> Status {
@@ -215,13 +219,22 @@ pub fn not_leader(ctx: &Ctx, leader: u64) -> Status {
         (None, l) => format!("this scheduler is not the leader; the leader is node {l}"),
     };
     let mut status = Status::unavailable(msg);
+    status.metadata_mut().insert(
+        NOT_LEADER_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     if let Some(a) = addr.and_then(|a| a.parse().ok()) {
         status.metadata_mut().insert(LEADER_HEADER, a);
     }
     status
 }
 
-async fn handle_message(ctx: &Ctx, node: &str, m: pb::AgentMessage) -> Result<(), Status> {
+async fn handle_message(
+    ctx: &Ctx,
+    node: &str,
+    from: &str,
+    m: pb::AgentMessage,
+) -> Result<(), Status> {
     let ev = match m.kind {
         Some(pb::agent_message::Kind::Event(ev)) => ev,
         Some(pb::agent_message::Kind::GpuFault(f)) => {
@@ -242,6 +255,22 @@ async fn handle_message(ctx: &Ctx, node: &str, m: pb::AgentMessage) -> Result<()
         alloc: ev.alloc_id,
         task: ev.task_index,
     };
+    if !own_task(ctx, node, from, key) {
+        return Err(Status::permission_denied(format!(
+            "node {node} reported an event for task {}.{} of allocation {}, which is not \
+             placed there",
+            key.job, key.task, key.alloc
+        )));
+    }
+    if matches!(ev.kind, Some(pb::task_event::Kind::Checkpointed(_))) {
+        let task = format!("{}.{}.{}", key.job, key.alloc, key.task);
+        if let Err(wait) = ctx.auth.checkpoint_limit(&task) {
+            return Err(Status::resource_exhausted(format!(
+                "checkpoint reports of task {task} come too fast; dropped (next in {:.1}s)",
+                wait.as_secs_f64()
+            )));
+        }
+    }
     let cmd = match ev.kind {
         Some(pb::task_event::Kind::Started(_)) => Command::TaskStarted {
             key,
@@ -260,6 +289,45 @@ async fn handle_message(ctx: &Ctx, node: &str, m: pb::AgentMessage) -> Result<()
         None => return Err(Status::invalid_argument("task event without a kind")),
     };
     ctx.propose(cmd).await.map(|_| ())
+}
+
+/// Whether `key` is a task of its job's current allocation placed on `node`.
+///
+/// An agent speaks only for its own node: an event for a task placed
+/// elsewhere (a stolen or rogue agent certificate failing another node's
+/// job) is refused and audited. An event for an allocation that is no longer
+/// current is refused quietly: after a requeue the agent still reports the
+/// old tasks' exits, which apply would ignore anyway. Allocation ids are never
+/// reused, so a task found on `node` here is still there when the command is
+/// applied, or no longer current.
+fn own_task(ctx: &Ctx, node: &str, from: &str, key: TaskKey) -> bool {
+    let placed_on = {
+        let state = ctx.raft.state();
+        state
+            .jobs
+            .get(&key.job)
+            .and_then(|j| j.alloc.as_ref())
+            .filter(|a| a.id.0 == key.alloc)
+            .and_then(|a| a.tasks.get(key.task as usize))
+            .map(|t| t.placement.node.clone())
+    };
+    match placed_on {
+        Some(n) if n == node => true,
+        Some(other) => {
+            tracing::warn!(%node, %other, job = %key.job, "task event for another node's task");
+            ctx.auth.audit(crate::state::AuditEntry {
+                at_ms: now_ms(),
+                who: format!("agent:{node}"),
+                via: "agent session".into(),
+                from: from.to_string(),
+                action: "task-event".into(),
+                target: format!("job {} task {} on node {other}", key.job, key.task),
+                outcome: format!("denied: node {node} may report only the tasks placed on it"),
+            });
+            false
+        }
+        None => false,
+    }
 }
 
 /// The tasks `node` should be running: tasks of live (placed or running)

@@ -4,7 +4,7 @@ use super::{convert, now_ms, tenants, Ctx};
 use crate::auth::roles;
 use crate::model::{JobId, JobState};
 use crate::planner;
-use crate::state::{ApplyResult, AuditEntry, Command, Principal};
+use crate::state::{ApplyResult, Command, Principal};
 use muster_proto as pb;
 use muster_proto::muster_server::Muster;
 use std::sync::Arc;
@@ -81,18 +81,6 @@ impl ClientApi {
     }
 }
 
-impl ClientApi {
-    /// Take a submission from `who`'s rate limit; a refusal is audited.
-    fn rate_limit(&self, who: &Principal, cmd: &Command) -> Result<(), Status> {
-        self.ctx.auth.rate_limit(who).inspect_err(|s| {
-            let outcome = format!("rejected: {}", s.message());
-            self.ctx
-                .auth
-                .audit(AuditEntry::of(who, now_ms(), cmd, outcome))
-        })
-    }
-}
-
 #[tonic::async_trait]
 impl Muster for ClientApi {
     async fn submit(
@@ -135,7 +123,7 @@ impl Muster for ClientApi {
                 request_id,
             }
         };
-        self.rate_limit(&who, &cmd)?;
+        // `authorized` takes the rate limit's token, as for every write.
         match self.ctx.authorized(&who, cmd).await? {
             ApplyResult::Submitted(id) => Ok(Response::new(pb::SubmitResponse { id: id.0, count })),
             other => Err(Status::internal(format!(
@@ -241,7 +229,7 @@ impl Muster for ClientApi {
             .await?;
         if !req.admins.is_empty() {
             let admins = tenants::admins_command(&req.name, &req.admins, &[]);
-            self.ctx.authorized(&who, admins).await?;
+            self.ctx.authorized_again(&who, admins).await?;
         }
         self.tenant_info(&req.name).map(Response::new)
     }
@@ -281,7 +269,11 @@ impl Muster for ClientApi {
         }
         if !(req.add_admins.is_empty() && req.remove_admins.is_empty()) {
             let admins = tenants::admins_command(&req.name, &req.add_admins, &req.remove_admins);
-            self.ctx.authorized(&who, admins).await?;
+            if admins_only {
+                self.ctx.authorized(&who, admins).await?;
+            } else {
+                self.ctx.authorized_again(&who, admins).await?;
+            }
         }
         self.tenant_info(&req.name).map(Response::new)
     }

@@ -86,17 +86,49 @@ impl Ctx {
         self.auth.authenticate(&state, req, action)
     }
 
-    /// Check `who`'s right to `cmd` here, then propose it wrapped in
-    /// `Command::Authorized` (checked again and audited at apply). A denial
-    /// here is audited too.
+    /// Check `who`'s right to `cmd` here, take a token from `who`'s write
+    /// rate limit, then propose it wrapped in `Command::Authorized` (checked
+    /// again and audited at apply). A denial or a refusal here is audited too.
     pub async fn authorized(&self, who: &Principal, cmd: Command) -> Result<ApplyResult, Status> {
+        self.authorize(who, &cmd, true)?;
+        self.propose_authorized(who, cmd).await
+    }
+
+    /// [`Ctx::authorized`] for the second command of one request (a tenant's
+    /// admins after the tenant): the request already paid its token.
+    pub async fn authorized_again(
+        &self,
+        who: &Principal,
+        cmd: Command,
+    ) -> Result<ApplyResult, Status> {
+        self.authorize(who, &cmd, false)?;
+        self.propose_authorized(who, cmd).await
+    }
+
+    /// Roles, then (with `limit`) the rate limit; each refusal audited.
+    fn authorize(&self, who: &Principal, cmd: &Command, limit: bool) -> Result<(), Status> {
         let at_ms = now_ms();
-        let denied = crate::auth::roles::check(&self.raft.state(), who, &cmd).err();
+        let denied = crate::auth::roles::check(&self.raft.state(), who, cmd).err();
         if let Some(d) = denied {
             self.auth
-                .audit(AuditEntry::of(who, at_ms, &cmd, format!("denied: {d}")));
+                .audit(AuditEntry::of(who, at_ms, cmd, format!("denied: {d}")));
             return Err(Status::permission_denied(d));
         }
+        if limit {
+            self.auth.rate_limit(who).inspect_err(|s| {
+                let outcome = format!("rejected: {}", s.message());
+                self.auth.audit(AuditEntry::of(who, at_ms, cmd, outcome))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn propose_authorized(
+        &self,
+        who: &Principal,
+        cmd: Command,
+    ) -> Result<ApplyResult, Status> {
+        let at_ms = now_ms();
         self.propose(Command::Authorized {
             who: who.clone(),
             at_ms,

@@ -77,10 +77,17 @@ pub struct Auth {
     audit_tx: mpsc::Sender<AuditEntry>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEntry>>>,
     limiter: Mutex<rate::RateLimiter>,
+    /// Checkpoint reports, per task (`muster checkpoint done` from inside it).
+    checkpoints: Mutex<rate::RateLimiter>,
     /// Account names of loopback callers' uids, looked up at most once a
     /// [`NAME_TTL`] (each lookup reads the password database).
     names: Mutex<HashMap<u32, (String, Instant)>>,
 }
+
+/// Checkpoint reports one task may make per second, and at once: a real
+/// checkpoint takes far longer; a loop in a task must not flood the log.
+const CHECKPOINTS_PER_SECOND: f64 = 1.0;
+const CHECKPOINT_BURST: u32 = 10;
 
 /// How long a uid's account name is believed before it is looked up again.
 const NAME_TTL: Duration = Duration::from_secs(30);
@@ -99,6 +106,10 @@ impl Auth {
             limiter: Mutex::new(rate::RateLimiter::new(
                 cfg.limits.submits_per_second,
                 cfg.limits.submit_burst,
+            )),
+            checkpoints: Mutex::new(rate::RateLimiter::new(
+                CHECKPOINTS_PER_SECOND,
+                CHECKPOINT_BURST,
             )),
             names: Mutex::new(HashMap::new()),
         }
@@ -280,8 +291,16 @@ impl Auth {
         }
     }
 
-    /// Take a submission token for `who`, or a `ResourceExhausted` that says
-    /// when to retry. Cluster admins (operators' own tooling) are not limited.
+    /// Take a token from `task`'s checkpoint-report bucket; when empty, how
+    /// long until one is back.
+    pub fn checkpoint_limit(&self, task: &str) -> Result<(), Duration> {
+        let mut l = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        l.take(task, Instant::now())
+    }
+
+    /// Take a write token for `who` (every request that changes state costs
+    /// one), or a `ResourceExhausted` that says when to retry. Cluster admins
+    /// (operators' own tooling) are not limited.
     pub fn rate_limit(&self, who: &Principal) -> Result<(), Status> {
         if who.cluster_admin {
             return Ok(());
