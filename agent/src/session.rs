@@ -81,7 +81,11 @@ const LEASE_SHARE: f64 = 0.9;
 const MAX_UNACKED: usize = 64;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The first wait before trying a member again, and the wait after a member
+/// that answered but knew no leader (an election is under way).
+const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait before trying an unreachable member again.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Keep a session with some scheduler until `shutdown` flips.
 pub async fn run(
@@ -91,42 +95,131 @@ pub async fn run(
     mut events: mpsc::UnboundedReceiver<Event>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let schedulers = cfg.schedulers.clone();
     let mut fence = Fence::load(cfg.fence_path.clone());
-    let mut backoff = Duration::from_millis(100);
-    let mut i = 0usize;
-    let mut hint: Option<String> = None;
+    let mut dialer = Dialer::new(cfg.schedulers.clone(), jitter_seed());
     loop {
-        // Follow the leader a scheduler named, else try the next address.
-        let addr = hint.take().unwrap_or_else(|| {
-            i += 1;
-            schedulers[(i - 1) % schedulers.len()].clone()
-        });
+        let (addr, at) = dialer.pick(tokio::time::Instant::now().into_std());
+        tokio::select! {
+            _ = tokio::time::sleep_until(at.into()) => {}
+            _ = shutdown.changed() => return,
+        }
+        let lost = std::time::Instant::now();
         tokio::select! {
             r = session(&addr, &node, &runtime, &mut events, &mut fence, cfg.lease_file.as_deref()) => match r {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(SessionError { message, leader }) => {
-                    tracing::warn!(scheduler = %addr, "session ended: {message}");
-                    if let Some(l) = leader {
-                        backoff = Duration::from_millis(20);
-                        hint = Some(l);
+                Ok(()) => return, // the runtime's event channel closed: shutting down
+                Err(e) => {
+                    tracing::warn!(scheduler = %addr, leader = ?e.leader, "session ended: {}", e.message);
+                    if e.registered {
+                        tracing::info!(down_after_ms = lost.elapsed().as_millis() as u64, "looking for the leader");
                     }
+                    dialer.ended(&addr, &e, std::time::Instant::now());
                 }
             },
             _ = shutdown.changed() => return,
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Which scheduler to dial next, and when: the leader a scheduler named at
+/// once; otherwise the members in turn, each with a backoff of its own
+/// (doubling while it cannot be reached, short while it answers without
+/// knowing a leader, as during an election), jittered so that the agents of
+/// a cluster do not dial in step. After a session that was up ends, every
+/// member is fair game again at once, starting after the one just lost:
+/// a failover should cost about one election, not a walk through backoffs.
+struct Dialer {
+    members: Vec<String>,
+    /// Index in `members` of the next member to try on a tie.
+    next: usize,
+    /// Per address: its current backoff and the earliest time to dial it.
+    waits: std::collections::HashMap<String, (Duration, std::time::Instant)>,
+    hint: Option<String>,
+    rng: u64,
+}
+
+impl Dialer {
+    fn new(members: Vec<String>, seed: u64) -> Dialer {
+        Dialer {
+            members,
+            next: 0,
+            waits: Default::default(),
+            hint: None,
+            rng: seed | 1,
+        }
+    }
+
+    /// The address to dial and when.
+    fn pick(&mut self, now: std::time::Instant) -> (String, std::time::Instant) {
+        if let Some(h) = self.hint.take() {
+            return (h, now);
+        }
+        let n = self.members.len().max(1);
+        let mut best: Option<(usize, std::time::Instant)> = None;
+        for k in 0..self.members.len() {
+            let i = (self.next + k) % n;
+            let at = self
+                .waits
+                .get(&self.members[i])
+                .map_or(now, |(_, at)| (*at).max(now));
+            if best.is_none_or(|(_, b)| at < b) {
+                best = Some((i, at));
+            }
+        }
+        let Some((i, at)) = best else {
+            return (String::new(), now + MAX_BACKOFF);
+        };
+        self.next = (i + 1) % n;
+        (self.members[i].clone(), at)
+    }
+
+    /// A session with `addr` ended (or never started) with `e` at `now`.
+    fn ended(&mut self, addr: &str, e: &SessionError, now: std::time::Instant) {
+        if e.registered {
+            // It was up: whatever failed, look for the leader at once.
+            self.waits.clear();
+            if let Some(i) = self.members.iter().position(|m| m == addr) {
+                self.next = (i + 1) % self.members.len();
+            }
+        }
+        let current = self.waits.get(addr).map(|(d, _)| *d);
+        let wait = if e.answered {
+            // It is alive and not the leader: an election is under way, or
+            // it named a leader.
+            BASE_BACKOFF
+        } else {
+            current.map_or(BASE_BACKOFF, |d| (d * 2).min(MAX_BACKOFF))
+        };
+        let jittered = wait.mul_f64(self.jitter());
+        self.waits.insert(addr.to_string(), (wait, now + jittered));
+        // Follow a named leader at once, unless it is the one refusing us.
+        self.hint = e.leader.clone().filter(|l| l != addr);
+    }
+
+    /// A factor in [0.8, 1.2) (xorshift: no need for a crypto generator).
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        0.8 + (self.rng % 400) as f64 / 1000.0
+    }
+}
+
+fn jitter_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
 }
 
 /// Why a session ended, and the leader's address when a scheduler named it.
 struct SessionError {
     message: String,
     leader: Option<String>,
+    /// A live scheduler answered that it is not the leader (as opposed to
+    /// unreachable, or refusing us for good reason).
+    answered: bool,
+    /// The session had been registered (it was up for a while).
+    registered: bool,
 }
 
 impl From<String> for SessionError {
@@ -134,6 +227,8 @@ impl From<String> for SessionError {
         SessionError {
             message,
             leader: None,
+            answered: false,
+            registered: false,
         }
     }
 }
@@ -145,9 +240,14 @@ impl From<tonic::Status> for SessionError {
             .get("muster-leader")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        // A scheduler that is alive but not the leader says so; anything
+        // else (a transport failure, a refused certificate) backs off.
+        let answered = leader.is_some() || s.metadata().get("muster-not-leader").is_some();
         SessionError {
             message: s.message().to_string(),
             leader,
+            answered,
+            registered: false,
         }
     }
 }
@@ -193,12 +293,13 @@ async fn session(
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await
-        .map_err(|e| format!("session refused: {}", e.message()))?
+        .map_err(|e| {
+            let mut e = SessionError::from(e);
+            e.message = format!("session refused: {}", e.message);
+            e
+        })?
         .into_inner();
-    let first = inbound
-        .message()
-        .await
-        .map_err(|e| e.message().to_string())?;
+    let first = inbound.message().await?;
     let Some(pb::SchedulerMessage {
         kind: Some(pb::scheduler_message::Kind::Registered(reg)),
     }) = first
@@ -207,6 +308,7 @@ async fn session(
     };
     fence.admit(reg.term);
     tracing::info!(scheduler = %addr, term = reg.term, "registered");
+    let up: Result<(), SessionError> = async {
     for ev in runtime.replay_events() {
         send(&tx, event_to_pb(&ev)).await?;
     }
@@ -258,6 +360,12 @@ async fn session(
             }
         }
     }
+    }
+    .await;
+    up.map_err(|mut e| {
+        e.registered = true;
+        e
+    })
 }
 
 /// The leader acknowledged a heartbeat sent at `sent_ms`: the lease is
@@ -319,6 +427,113 @@ fn event_to_pb(ev: &Event) -> pb::agent_message::Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    fn members() -> Vec<String> {
+        vec!["a:1".into(), "b:1".into(), "c:1".into()]
+    }
+
+    fn unreachable() -> SessionError {
+        SessionError::from(String::from("cannot connect"))
+    }
+
+    fn refused(leader: Option<&str>) -> SessionError {
+        let mut s = tonic::Status::unavailable("not the leader");
+        s.metadata_mut()
+            .insert("muster-not-leader", "1".parse().expect("ascii"));
+        if let Some(l) = leader {
+            s.metadata_mut()
+                .insert("muster-leader", l.parse().expect("ascii"));
+        }
+        SessionError::from(s)
+    }
+
+    #[test]
+    fn a_named_leader_is_dialed_at_once() {
+        let now = Instant::now();
+        let mut d = Dialer::new(members(), 42);
+        let (first, at) = d.pick(now);
+        assert_eq!((first.as_str(), at), ("a:1", now));
+        // The refusal that names the leader was once turned into plain text
+        // and the hint lost: it must survive the conversion.
+        d.ended("a:1", &refused(Some("c:1")), now);
+        assert_eq!(d.pick(now), ("c:1".to_string(), now));
+    }
+
+    #[test]
+    fn a_member_naming_itself_is_not_redialed_in_a_loop() {
+        let now = Instant::now();
+        let mut d = Dialer::new(members(), 42);
+        d.pick(now);
+        d.ended("a:1", &refused(Some("a:1")), now);
+        assert_eq!(d.pick(now).0, "b:1");
+    }
+
+    #[test]
+    fn unreachable_members_back_off_each_on_its_own_with_a_cap() {
+        let now = Instant::now();
+        let mut d = Dialer::new(vec!["a:1".into(), "b:1".into()], 7);
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            d.ended("a:1", &unreachable(), now);
+            let (wait, _) = d.waits["a:1"];
+            assert!(wait >= last && wait <= MAX_BACKOFF, "{wait:?}");
+            last = wait;
+        }
+        assert_eq!(last, MAX_BACKOFF);
+        // b has no backoff of its own: it is tried now, not after a's.
+        assert_eq!(d.pick(now), ("b:1".to_string(), now));
+    }
+
+    #[test]
+    fn a_refusal_for_good_reason_backs_off() {
+        let now = Instant::now();
+        let mut d = Dialer::new(vec!["a:1".into()], 5);
+        for _ in 0..10 {
+            let denied = SessionError::from(tonic::Status::permission_denied("bad certificate"));
+            d.ended("a:1", &denied, now);
+        }
+        assert_eq!(d.waits["a:1"].0, MAX_BACKOFF);
+    }
+
+    #[test]
+    fn during_an_election_members_are_retried_quickly() {
+        let now = Instant::now();
+        let mut d = Dialer::new(members(), 9);
+        for m in ["a:1", "b:1", "c:1"] {
+            for _ in 0..5 {
+                d.ended(m, &refused(None), now);
+            }
+        }
+        let (_, at) = d.pick(now);
+        assert!(at - now <= BASE_BACKOFF.mul_f64(1.2), "{:?}", at - now);
+    }
+
+    #[test]
+    fn a_lost_session_resets_every_backoff_and_moves_on() {
+        let now = Instant::now();
+        let mut d = Dialer::new(members(), 3);
+        for _ in 0..6 {
+            d.ended("b:1", &unreachable(), now);
+            d.ended("c:1", &unreachable(), now);
+        }
+        // The session with a was up, then the leader died.
+        let mut lost = unreachable();
+        lost.registered = true;
+        d.ended("a:1", &lost, now);
+        let (next, at) = d.pick(now);
+        assert_eq!(next, "b:1", "the member after the lost one");
+        assert_eq!(at, now, "no backoff left over from before the session");
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        let mut d = Dialer::new(members(), jitter_seed());
+        for _ in 0..1000 {
+            let j = d.jitter();
+            assert!((0.8..1.2).contains(&j), "{j}");
+        }
+    }
 
     #[test]
     fn fence_refuses_older_terms_and_persists() {

@@ -197,6 +197,12 @@ pub struct SubmitArgs {
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
 
+    /// Idempotency key: a submission with a key already used by you returns
+    /// the job it created instead of a second one [default: a fresh key;
+    /// the CLI's own retries reuse it]
+    #[arg(long, value_name = "KEY")]
+    pub request_id: Option<String>,
+
     /// Submit N identical jobs at once (a job array); each gets
     /// MUSTER_ARRAY_INDEX=0..N-1 and prints as FIRST-LAST
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]

@@ -81,6 +81,15 @@ pub enum ClientError {
     NotFound(String),
     #[error("{0}")]
     Rejected(String),
+    /// The request may or may not have been applied (the connection broke
+    /// or the scheduler lost leadership after taking it).
+    #[error("the outcome of {what} is unknown: {reason}; {retry}")]
+    OutcomeUnknown {
+        what: String,
+        reason: String,
+        /// How to retry safely.
+        retry: String,
+    },
     #[error("{what} failed: {code}: {message}")]
     Other {
         what: String,
@@ -364,6 +373,38 @@ fn rotate(all: &str, current: &str) -> String {
     out.join(",")
 }
 
+/// Whether a failed call carrying an idempotency key may be sent again:
+/// the scheduler was unavailable (no leader, not reachable), the
+/// connection broke mid-request (tonic reports `Unknown: transport error`
+/// or a cancelled stream), the request timed out, or the scheduler said
+/// the outcome is unknown. Refusals (invalid, denied, ...) are final.
+pub fn may_retry(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    )
+}
+
+/// A submission whose fate could not be learnt within [`SUBMIT_RETRY`].
+fn unknown_submit(s: &Status, key: &str) -> ClientError {
+    let reason = s.message().trim();
+    ClientError::OutcomeUnknown {
+        what: "submit".into(),
+        reason: if reason.is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            reason.to_string()
+        },
+        retry: format!(
+            "the job may exist (see 'muster queue'); to retry safely, run the same command with --request-id {key}: it cannot create a second job"
+        ),
+    }
+}
+
 /// A fresh idempotency key: host, process, time and a little randomness.
 fn request_id() -> String {
     let nanos = std::time::SystemTime::now()
@@ -413,9 +454,11 @@ impl Scheduler {
     }
 
     /// Submits a job and returns its id. While the cluster elects a leader
-    /// (the scheduler answers Unavailable) or the scheduler is unreachable,
-    /// it retries for up to [`SUBMIT_RETRY`], on every listed address in turn,
-    /// with the same idempotency key, so a retry never creates a second job.
+    /// (the scheduler answers Unavailable), the scheduler is unreachable or
+    /// the connection breaks mid-request, it retries for up to
+    /// [`SUBMIT_RETRY`], on every listed address in turn, with the same
+    /// idempotency key, so a retry never creates a second job. If it still
+    /// cannot tell, it says the outcome is unknown and how to retry safely.
     pub async fn submit(&mut self, mut req: SubmitRequest) -> Result<u64, ClientError> {
         if req.request_id.is_empty() {
             req.request_id = request_id();
@@ -424,11 +467,8 @@ impl Scheduler {
         loop {
             let err = match self.inner.submit(req.clone()).await {
                 Ok(r) => return Ok(r.into_inner().id),
-                Err(s)
-                    if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline =>
-                {
-                    s
-                }
+                Err(s) if may_retry(&s) && tokio::time::Instant::now() < deadline => s,
+                Err(s) if may_retry(&s) => return Err(unknown_submit(&s, &req.request_id)),
                 Err(s) => return Err(self.fail(s, "submit", None)),
             };
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -439,7 +479,7 @@ impl Scheduler {
                     self.inner = inner;
                 }
                 Err(_) if tokio::time::Instant::now() < deadline => {}
-                Err(_) => return Err(self.fail(err, "submit", None)),
+                Err(_) => return Err(unknown_submit(&err, &req.request_id)),
             }
         }
     }

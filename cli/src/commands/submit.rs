@@ -13,13 +13,14 @@ use crate::spec::{self, PartialSpec, SpecError};
 /// Submits the job and prints its id.
 pub async fn run(ctx: &Ctx, args: SubmitArgs) -> anyhow::Result<()> {
     let array = args.array.unwrap_or(1);
+    let request_id = args.request_id.clone().unwrap_or_default();
     let spec = build_spec(args)?;
     let user = current_user()?;
     let mut scheduler = ctx.scheduler().await?;
     let request = SubmitRequest {
         spec: Some(spec),
         user,
-        request_id: String::new(),
+        request_id,
         array,
     };
     let count = request.array.max(1);
