@@ -9,7 +9,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use muster_proto::{JobState, TaskState};
 
-/// A plain text table: left-aligned columns separated by two spaces.
+/// `text` safe to print on a terminal: every control character (escape
+/// sequences, carriage returns, backspaces, C1 codes) written as an escape
+/// (`\u{1b}`), so a name another user chose cannot move the cursor, rewrite
+/// a line or retitle the window. A backslash is kept as it is.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A plain text table: left-aligned columns separated by two spaces. Every
+/// cell is printed through [`escape`].
 #[derive(Debug, Clone)]
 pub struct Table {
     headers: Vec<String>,
@@ -27,6 +47,13 @@ impl Table {
 
     /// Adds a row; missing cells are blank, extra cells are kept.
     pub fn row(&mut self, cells: Vec<String>) {
+        let cells = cells
+            .into_iter()
+            .map(|c| match escape(&c) {
+                std::borrow::Cow::Borrowed(_) => c,
+                std::borrow::Cow::Owned(e) => e,
+            })
+            .collect();
         self.rows.push(cells);
     }
 
@@ -175,12 +202,12 @@ pub fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
     }
 }
 
-/// `-` for an empty string, the string otherwise.
+/// `-` for an empty string, the string otherwise (escaped: see [`escape`]).
 pub fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
     } else {
-        s.to_string()
+        escape(s).into_owned()
     }
 }
 
@@ -204,7 +231,7 @@ pub fn format_command(argv: &[String]) -> String {
             if plain {
                 w.clone()
             } else {
-                format!("'{}'", w.replace('\'', r"'\''"))
+                format!("'{}'", escape(&w.replace('\'', r"'\''")))
             }
         })
         .collect::<Vec<_>>()
@@ -232,6 +259,27 @@ mod tests {
         t.row(vec!["12".into(), "x".into(), String::new()]);
         let text = t.render();
         assert_eq!(text, "ID  NAME   STATE\n1   train  running\n12  x\n");
+    }
+
+    /// Issue 18 #11: another user's job name must not drive this terminal.
+    #[test]
+    fn control_characters_are_escaped() {
+        let hostile = "x\u{1b}]0;owned\u{7}\u{1b}[2J\r\u{9b}1m\u{8}";
+        let mut t = Table::new(&["ID", "NAME"]);
+        t.row(vec!["1".into(), hostile.into()]);
+        let text = t.render();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert_eq!(
+            text,
+            "ID  NAME\n1   x\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\r\\u{9b}1m\\u{8}\n"
+        );
+        assert_eq!(or_dash("a\tb"), "a\\tb");
+        assert_eq!(escape("plain \\ text"), "plain \\ text");
+        let argv = vec!["echo".to_string(), "\u{1b}[31m".to_string()];
+        assert_eq!(format_command(&argv), r"echo '\u{1b}[31m'");
     }
 
     #[test]
