@@ -61,7 +61,7 @@ pub fn why_text(job: &JobInfo) -> String {
         "job {} ({}, tenant {}, priority {})",
         job.id,
         job_state_name(job.state),
-        spec.tenant,
+        crate::output::escape(&spec.tenant),
         or_dash(&job.priority)
     );
     match state {
@@ -349,6 +349,7 @@ pub fn show_text(job: &JobInfo, now: i64) -> String {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out = format!("Job {}\n", job.id);
     for (key, value) in fields {
+        let value = crate::output::escape(&value);
         let _ = writeln!(out, "  {:width$} {value}", format!("{key}:"));
     }
     out.push('\n');
