@@ -29,6 +29,9 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything this daemon creates (the sled database holds every job's
+    // command and environment) is private to its user.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -33,6 +33,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Raft(#[from] raft::StartError),
+    #[error("the raft driver stopped: {0}")]
+    RaftStopped(#[from] raft::DriverError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC server task: {0}")]
@@ -78,6 +80,43 @@ async fn rejoining(cfg: &SchedulerConfig, peers: &std::collections::BTreeMap<u64
     false
 }
 
+/// Create the data folder 0700 and take group and other bits off an
+/// existing one and everything in it: the state it holds (every job's
+/// command and environment, token hashes) is for this daemon only.
+/// Symbolic links are neither followed nor changed.
+pub fn private_data_dir(dir: &std::path::Path) -> Result<(), (std::path::PathBuf, std::io::Error)> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    fn at(
+        p: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> (std::path::PathBuf, std::io::Error) + '_ {
+        move |e| (p.to_path_buf(), e)
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(at(dir))?;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).map_err(at(&p))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let private = if p == dir { 0o700 } else { mode & 0o700 };
+        if mode != private {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(private))
+                .map_err(at(&p))?;
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).map_err(at(&p))? {
+                todo.push(e.map_err(at(&p))?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run a scheduler on `listener` until `shutdown` resolves. `ready` is called
 /// once the state is loaded and the listener is serving.
 pub async fn run(
@@ -86,10 +125,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send,
 ) -> Result<(), ServerError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServerError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
-    })?;
+    private_data_dir(&cfg.data_dir)
+        .map_err(|(path, source)| ServerError::DataDir { path, source })?;
     // TLS first: the peer transport and the rejoin probe dial with it.
     let server_tls = match &cfg.tls {
         Some(tls) => {
@@ -112,7 +149,7 @@ pub async fn run(
         snapshot_entries: cfg.snapshot_entries,
         snapshot_interval: cfg.snapshot_interval,
     };
-    let (handle, inbound, raft_task) = raft::start(settings, &cfg.data_dir, stop_rx.clone())?;
+    let (handle, inbound, mut raft_task) = raft::start(settings, &cfg.data_dir, stop_rx.clone())?;
     let ctx = Ctx::new(handle.clone(), cfg);
     let peer = PeerService::new(handle, inbound, ctx.clone());
     let auditor = tokio::spawn(crate::auth::audit_loop(ctx.clone(), stop_rx.clone()));
@@ -157,11 +194,18 @@ pub async fn run(
                 },
             ),
     );
+    // A driver that stops on its own (an entry it cannot apply, failed
+    // storage) takes the daemon down with its error.
+    let mut raft_end = None;
     let early = tokio::select! {
         _ = shutdown => None,
         // A member removed from the cluster stops serving.
         _ = removed.wait_for(|s| s.removed) => None,
         r = &mut server => Some(r),
+        r = &mut raft_task => {
+            raft_end = Some(r);
+            None
+        }
     };
     let _ = stop_tx.send(true);
     let result = match early {
@@ -176,10 +220,53 @@ pub async fn run(
             }
         },
     };
-    let _ = tokio::join!(planner, keeper, auditor, raft_task);
+    let raft_end = match raft_end {
+        Some(r) => r,
+        None => tokio::join!(planner, keeper, auditor, raft_task).3,
+    };
     tracing::info!("scheduler stopped");
+    if let Ok(Err(e)) = raft_end {
+        return Err(ServerError::RaftStopped(e));
+    }
     match result {
         Ok(r) => r.map_err(ServerError::from),
         Err(e) => Err(ServerError::Join(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Issue 18 #3: the data folder (every job's environment) was world-readable.
+    #[test]
+    fn the_data_folder_is_private_new_or_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/b/data");
+        super::private_data_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        // An existing folder from an older version, world-readable.
+        let old = tmp.path().join("old");
+        std::fs::create_dir_all(old.join("raft")).unwrap();
+        std::fs::write(old.join("raft/db"), b"x").unwrap();
+        for (p, m) in [(&old, 0o755), (&old.join("raft"), 0o755)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        std::fs::set_permissions(old.join("raft/db"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        // A link inside is left alone (and not followed).
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"y").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, old.join("link")).unwrap();
+        super::private_data_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+        assert_eq!(mode(&old.join("raft")), 0o700);
+        assert_eq!(mode(&old.join("raft/db")), 0o600);
+        assert_eq!(mode(&outside), 0o644);
     }
 }

@@ -242,7 +242,7 @@ async fn handle_message(
             let cmd = Command::GpuFailed {
                 node: node.to_string(),
                 gpu: f.index,
-                reason: f.reason,
+                reason: super::limits::printable(&f.reason),
                 drain: ctx.cfg.scheduling.drain_on_gpu_fault,
                 at_ms: now_ms(),
             };
@@ -276,11 +276,16 @@ async fn handle_message(
             key,
             at_ms: now_ms(),
         },
-        Some(pb::task_event::Kind::Exited(e)) => Command::TaskExited {
-            key,
-            exit: convert::exit_from_pb(&e),
-            at_ms: now_ms(),
-        },
+        Some(pb::task_event::Kind::Exited(e)) => {
+            let mut exit = convert::exit_from_pb(&e);
+            // Part of the job's failure reason, which other users see.
+            exit.message = super::limits::printable(&exit.message);
+            Command::TaskExited {
+                key,
+                exit,
+                at_ms: now_ms(),
+            }
+        }
         Some(pb::task_event::Kind::Checkpointed(c)) => Command::TaskCheckpointed {
             key,
             step: c.step,
@@ -456,5 +461,12 @@ fn assignment(
         stop_signal,
         grace_ms: grace.as_millis() as u64,
         kill_on_checkpoint: job.spec.lifecycle.checkpoint_on_preempt,
+        // The default directory lies in the operator's tree: the agent may
+        // make it as root there (safely); a job's own is made as its user.
+        checkpoint_root: if job.spec.checkpoint_dir.is_none() {
+            checkpoint_root.to_string_lossy().into_owned()
+        } else {
+            String::new()
+        },
     }
 }

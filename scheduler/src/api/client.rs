@@ -284,6 +284,7 @@ impl Muster for ClientApi {
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let who = self.ctx.authenticate(&req, "tenant-delete")?;
         let name = req.into_inner().name;
+        super::limits::line("name", &name, super::limits::MAX_NAME)?;
         self.ctx
             .authorized(&who, Command::DeleteTenant { name })
             .await?;
@@ -304,8 +305,12 @@ impl Muster for ClientApi {
                     "reason: must be at most 256 characters",
                 ))
             }
-            (true, r) => Some(r.to_string()),
+            (true, r) => {
+                super::limits::line("reason", r, 256)?;
+                Some(r.to_string())
+            }
         };
+        super::limits::line("name", &req.name, 253)?;
         let cmd = Command::DrainNode {
             name: req.name.clone(),
             reason,

@@ -241,6 +241,23 @@ pub fn registration_from_pb(r: &pb::Register) -> Result<(NodeRegistration, Vec<T
             "register: node name must be 1-253 characters",
         ));
     }
+    // What users see of a node (`muster nodes`) is printable.
+    let line = super::limits::line;
+    line("register: node", &r.node, 253)?;
+    line("register: address", &r.address, 512)?;
+    for (k, v) in &r.labels {
+        line("register: label name", k, super::limits::MAX_NAME)?;
+        line(&format!("register: label {k}"), v, super::limits::MAX_NAME)?;
+    }
+    for g in &r.gpus {
+        line(&format!("register: GPU {} model", g.index), &g.model, 256)?;
+        line(&format!("register: GPU {} uuid", g.index), &g.uuid, 256)?;
+        line(
+            &format!("register: GPU {} pci_bus_id", g.index),
+            &g.pci_bus_id,
+            256,
+        )?;
+    }
     let gpus = r
         .gpus
         .iter()

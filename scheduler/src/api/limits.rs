@@ -37,14 +37,48 @@ fn text(field: &str, value: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// Text printed to other users (names, labels, reasons): no control
+/// characters, which a terminal would obey (escape sequences, carriage
+/// returns that overwrite a line), besides [`text`]'s limits.
+pub fn line(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    text(field, value, max)?;
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(bad(format!(
+            "{field}: contains the control character {:?}; names, labels and reasons \
+             must be printable",
+            c
+        )));
+    }
+    Ok(())
+}
+
+/// `value` with every control character written as an escape (`\u{1b}`):
+/// for text a daemon reports (a GPU fault, a task's exit), kept rather than
+/// refused, but harmless on a terminal.
+pub fn printable(value: &str) -> String {
+    if !value.chars().any(char::is_control) {
+        return value.to_string();
+    }
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Check every length and count in a submitted spec.
 pub fn check_spec(s: &pb::JobSpec) -> Result<(), Status> {
-    text("name", &s.name, MAX_NAME)?;
-    text("tenant", &s.tenant, MAX_NAME)?;
-    text("topology_label", &s.topology_label, MAX_NAME)?;
-    text("priority", &s.priority, MAX_PRIORITY)?;
-    text("workdir", &s.workdir, MAX_PATH)?;
-    text("checkpoint_dir", &s.checkpoint_dir, MAX_PATH)?;
+    line("name", &s.name, MAX_NAME)?;
+    line("tenant", &s.tenant, MAX_NAME)?;
+    line("topology_label", &s.topology_label, MAX_NAME)?;
+    line("priority", &s.priority, MAX_PRIORITY)?;
+    line("workdir", &s.workdir, MAX_PATH)?;
+    line("checkpoint_dir", &s.checkpoint_dir, MAX_PATH)?;
     if s.tasks > MAX_TASKS {
         return Err(bad(format!("tasks: more than {MAX_TASKS}")));
     }
@@ -89,6 +123,19 @@ mod tests {
     type Change = Box<dyn Fn(&mut pb::JobSpec)>;
 
     #[test]
+    fn reported_text_is_made_printable() {
+        assert_eq!(printable("XID 79"), "XID 79");
+        assert_eq!(printable("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\n");
+        assert!(line("reason", "maintenance: fan", 256).is_ok());
+        let e = line("reason", "x\u{7f}", 256).unwrap_err();
+        assert!(
+            e.message().starts_with("reason: contains"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
     fn each_limit_names_its_field() {
         let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.name = "n".repeat(MAX_NAME + 1)), "name:"),
@@ -107,6 +154,26 @@ mod tests {
                 "command[0]",
             ),
             (Box::new(|s| s.command = vec!["a\0b".into()]), "NUL"),
+            (
+                Box::new(|s| s.name = "x\u{1b}]0;pwned\u{7}".into()),
+                "name: contains the control character '\\u{1b}'",
+            ),
+            (
+                Box::new(|s| s.tenant = "ml\r".into()),
+                "tenant: contains the control character '\\r'",
+            ),
+            (
+                Box::new(|s| s.topology_label = "rack\n".into()),
+                "topology_label: contains",
+            ),
+            (
+                Box::new(|s| s.priority = "\u{9b}31m".into()),
+                "priority: contains",
+            ),
+            (
+                Box::new(|s| s.workdir = "/tmp/\u{1b}[2J".into()),
+                "workdir: contains",
+            ),
             (
                 Box::new(|s| {
                     s.env.insert("K".repeat(MAX_ENV_KEY + 1), "v".into());

@@ -95,6 +95,7 @@ impl Security for SecurityService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let who = self.ctx.authenticate(&req, "token-revoke")?;
         let id = req.into_inner().id;
+        super::limits::line("id", &id, 128)?;
         self.ctx
             .authorized(&who, Command::RevokeToken { id })
             .await?;

@@ -52,6 +52,7 @@ pub fn check_request_names(tenant: &str, lists: [&Vec<String>; 3]) -> Result<(),
             crate::planner::fit::MAX_NAME_LEN
         )));
     }
+    super::limits::line("name", tenant, crate::planner::fit::MAX_NAME_LEN)?;
     for list in lists {
         if list.len() > MAX_NAMES {
             return Err(tonic::Status::invalid_argument(format!(
