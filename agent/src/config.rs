@@ -111,7 +111,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub shim_path: Option<PathBuf>,
     /// The Unix socket tasks reach the agent on (`muster checkpoint done`);
-    /// defaults to `<data_dir>/task.sock`.
+    /// defaults to `<data_dir>.task.sock`.
     #[serde(default)]
     pub task_socket: Option<PathBuf>,
     /// Freeze tasks when the agent's lease with the scheduler has lapsed, so
@@ -215,11 +215,20 @@ impl AgentConfig {
         muster_proto::tls::check_listen(self.tls.as_ref(), self.insecure, &self.listen, "agent")
     }
 
-    /// The task socket's path: configured, or `<data_dir>/task.sock`.
+    /// The task socket's path: configured, or `<data_dir>.task.sock` beside
+    /// the data folder (which only root may enter, so tasks could not reach
+    /// a socket inside it).
     pub fn task_socket_path(&self) -> PathBuf {
-        self.task_socket
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("task.sock"))
+        self.task_socket.clone().unwrap_or_else(|| {
+            // Components drop a trailing slash, which would put it inside.
+            let mut p = self
+                .data_dir
+                .components()
+                .collect::<PathBuf>()
+                .into_os_string();
+            p.push(".task.sock");
+            PathBuf::from(p)
+        })
     }
 
     /// The node name: configured, or the host name.
@@ -314,7 +323,17 @@ mod tests {
         assert!(cfg.self_fence);
         assert_eq!(cfg.ignored_xids, crate::health::DEFAULT_IGNORED_XIDS);
         assert_eq!(cfg.log_files, 3);
-        assert_eq!(cfg.task_socket_path(), cfg.data_dir.join("task.sock"));
+        // Beside the data folder, which tasks cannot enter; a trailing
+        // slash must not put it inside.
+        assert_eq!(
+            cfg.task_socket_path(),
+            Path::new("/var/lib/muster/agent.task.sock")
+        );
+        let slash = AgentConfig {
+            data_dir: "/x/agent/".into(),
+            ..AgentConfig::default()
+        };
+        assert_eq!(slash.task_socket_path(), Path::new("/x/agent.task.sock"));
     }
 
     #[test]

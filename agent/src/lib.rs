@@ -102,6 +102,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send,
 ) -> Result<(), AgentError> {
+    // Whatever the agent creates (records holding jobs' environments, logs,
+    // the lease) is root's alone unless it says otherwise; the shim gives
+    // tasks the usual 022.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         // One identity for the scheduler sessions and the local service.
@@ -117,10 +121,17 @@ pub async fn run(
     );
     let cgroups = open_cgroups(&cfg)?;
     let data_dir = cfg.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&data_dir)
+        .and_then(|()| {
+            // Only root enters it (older agents made it world-readable);
+            // the task socket lies outside it (`AgentConfig::task_socket_path`).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| AgentError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
     let shim_path = match &cfg.shim_path {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(AgentError::Shim)?,
@@ -142,6 +153,7 @@ pub async fn run(
         task_socket: task_socket.clone(),
         log_max_bytes: cfg.log_max_bytes,
         log_files: cfg.log_files,
+        cgroup_parent: cfg.cgroup_parent.clone(),
     };
     let health_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = health::watch(

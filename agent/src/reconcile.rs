@@ -14,6 +14,13 @@
 //! * observed, exited, its exit reported, and not desired → forget it;
 //! * desired and observed → nothing: the same allocation is never started
 //!   twice, even after it exited (an exited task waits to be forgotten).
+//!
+//! All of the above needs a desired set to compare with. Until the current
+//! session's first assignment set has arrived the agent does not know what
+//! the scheduler wants (a restarted agent has just re-adopted its tasks; a
+//! new leader has not spoken yet), and "not desired" would mean "not known":
+//! so with no desired set ([`DesiredSet::Unknown`]) nothing is started,
+//! killed or forgotten. The type makes a kill impossible without one.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,6 +67,15 @@ pub struct Observed {
     pub exit_reported: bool,
 }
 
+/// What the scheduler wants here, as far as this agent knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DesiredSet<'a> {
+    /// No assignment set has arrived in the current session yet.
+    Unknown,
+    /// The newest assignment set of the current session.
+    Known(&'a [Desired]),
+}
+
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
@@ -69,8 +85,12 @@ pub enum Action {
 }
 
 /// Compute the actions; see the module docs for the rules. The result is
-/// sorted, so equal inputs give equal outputs.
-pub fn reconcile(desired: &[Desired], observed: &[Observed]) -> Vec<Action> {
+/// sorted, so equal inputs give equal outputs. An unknown desired set yields
+/// no action at all.
+pub fn reconcile(desired: DesiredSet<'_>, observed: &[Observed]) -> Vec<Action> {
+    let DesiredSet::Known(desired) = desired else {
+        return Vec::new();
+    };
     let want: BTreeMap<TaskKey, &Desired> = desired.iter().map(|d| (d.key, d)).collect();
     let have: BTreeMap<TaskKey, &Observed> = observed.iter().map(|o| (o.key, o)).collect();
     let mut actions = Vec::new();
@@ -211,8 +231,37 @@ mod tests {
         for (name, d, o, expect) in cases {
             let mut expect = expect;
             expect.sort();
-            assert_eq!(reconcile(&d, &o), expect, "{name}");
+            assert_eq!(reconcile(DesiredSet::Known(&d), &o), expect, "{name}");
         }
+    }
+
+    /// A restarted agent re-adopts its tasks; one of them exited while the
+    /// agent was down, and its exit triggers a reconcile before the session's
+    /// first assignment set arrived. Nothing may be killed (the old rule,
+    /// with "no set" read as "empty set", killed every adopted task).
+    #[test]
+    fn unknown_desired_set_kills_nothing() {
+        let adopted = vec![
+            have(1, &[0], Phase::Running, false),
+            have(2, &[1], Phase::Starting, false),
+            have(3, &[2], Phase::Exited, true),
+        ];
+        assert_eq!(reconcile(DesiredSet::Unknown, &adopted), vec![]);
+        // Once the set is known the ordinary rules apply again.
+        let d = vec![want(1, &[0])];
+        assert_eq!(
+            reconcile(DesiredSet::Known(&d), &adopted),
+            vec![Action::Kill(key(2)), Action::Forget(key(3))]
+        );
+        // An empty set that did arrive is a real order: stop everything.
+        assert_eq!(
+            reconcile(DesiredSet::Known(&[]), &adopted),
+            vec![
+                Action::Kill(key(1)),
+                Action::Kill(key(2)),
+                Action::Forget(key(3))
+            ]
+        );
     }
 
     #[test]
@@ -226,6 +275,9 @@ mod tests {
         d2.reverse();
         let mut o2 = o.clone();
         o2.reverse();
-        assert_eq!(reconcile(&d, &o), reconcile(&d2, &o2));
+        assert_eq!(
+            reconcile(DesiredSet::Known(&d), &o),
+            reconcile(DesiredSet::Known(&d2), &o2)
+        );
     }
 }

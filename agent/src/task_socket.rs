@@ -8,11 +8,13 @@
 //! ← {"ok":true,"job":42,"task":0,"message":"checkpoint of job 42 task 0 recorded"}
 //! ```
 //!
-//! The caller is identified by the kernel (SO_PEERCRED: its pid), never by
-//! what it sends: the agent maps the pid to a task by cgroup or ancestry
-//! ([`crate::task::peer`]) and refuses a process outside every task. The
+//! The caller is identified by the kernel (SO_PEERCRED: its pid and uid),
+//! never by what it sends: the agent maps the pid to a task by its whole
+//! cgroup path or by ancestry, and the uid must be the task's
+//! ([`crate::task::peer`]); a process outside every task is refused. The
 //! socket is world-writable because tasks run as their users; the identity
-//! check is what guards it.
+//! check is what guards it. It must therefore lie outside the agent's data
+//! folder, which only root may enter (see `AgentConfig::task_socket_path`).
 
 use crate::task::Runtime;
 use serde::{Deserialize, Serialize};
@@ -90,13 +92,16 @@ pub async fn serve(
 }
 
 async fn handle(stream: UnixStream, runtime: Arc<Runtime>) {
-    let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+    let cred = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| Some((c.pid()?, c.uid())));
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(MAX_LINE as u64);
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
     let reply = match read {
-        Ok(Ok(_)) => answer(&runtime, pid, &line),
+        Ok(Ok(_)) => answer(&runtime, cred, &line),
         Ok(Err(e)) => refuse(format!("cannot read the request: {e}")),
         Err(_) => refuse("no request within 10s".into()),
     };
@@ -112,17 +117,17 @@ fn refuse(message: String) -> Reply {
     }
 }
 
-fn answer(runtime: &Runtime, pid: Option<i32>, line: &str) -> Reply {
+fn answer(runtime: &Runtime, cred: Option<(i32, u32)>, line: &str) -> Reply {
     let req: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => return refuse(format!("bad request: {e}")),
     };
-    let Some(pid) = pid.filter(|p| *p > 0) else {
+    let Some((pid, uid)) = cred.filter(|(p, _)| *p > 0) else {
         return refuse("cannot tell which process is calling".into());
     };
-    let Some(key) = runtime.task_of_pid(pid as u32) else {
+    let Some(key) = runtime.task_of(pid as u32, uid) else {
         return refuse(format!(
-            "process {pid} is not part of any task running on this node"
+            "process {pid} (uid {uid}) is not part of any task running on this node"
         ));
     };
     match req {

@@ -431,7 +431,7 @@ fn only_a_task_can_report_a_checkpoint() {
         ..ClusterSpec::default()
     })
     .expect("cluster");
-    let sock = c.agent_data(0).join("task.sock");
+    let sock = std::path::PathBuf::from(format!("{}.task.sock", c.agent_data(0).display()));
     let out = std::process::Command::new(binary("muster"))
         .args(["checkpoint", "done", "--step", "1", "--socket"])
         .arg(&sock)

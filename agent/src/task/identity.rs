@@ -9,7 +9,7 @@
 
 use nix::unistd::{Gid, Uid, User};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A resolved user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,24 +77,6 @@ pub fn base_env(env: &mut BTreeMap<String, String>, who: &Who) {
     ];
     for (k, v) in defaults {
         env.entry(k.to_string()).or_insert(v);
-    }
-}
-
-/// Create a folder the task will use (its checkpoint directory) and give it
-/// to the user. Failure is logged, not fatal: the job may create it itself.
-pub fn prepare_dir(dir: &Path, who: &Who) {
-    if dir.as_os_str().is_empty() {
-        return;
-    }
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        tracing::warn!("cannot create {}: {e}", dir.display());
-        return;
-    }
-    if who.switch {
-        let owner = (Some(Uid::from_raw(who.uid)), Some(Gid::from_raw(who.gid)));
-        if let Err(e) = nix::unistd::chown(dir, owner.0, owner.1) {
-            tracing::warn!("cannot give {} to {}: {e}", dir.display(), who.name);
-        }
     }
 }
 

@@ -6,6 +6,11 @@
 //! `keep` is deleted) and a new file is started, so a chatty task can never
 //! fill the agent's disk. Readers take the rotated files oldest first, then
 //! the live one ([`files_oldest_first`]).
+//!
+//! The shim writes them as root, inside the agent's root-only data folder:
+//! each file is created 0600 and opened with `O_NOFOLLOW`, so job output is
+//! readable only through the agent (which asks the scheduler who may read
+//! it), never by another local user, and a symlink is never written through.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -116,9 +121,12 @@ impl RotatingWriter {
 }
 
 fn open_append(p: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(p)
 }
 
@@ -154,6 +162,25 @@ mod tests {
         w.write_all(b"abcdefg").unwrap();
         assert_eq!(std::fs::read(&live).unwrap(), b"efg");
         assert_eq!(files_oldest_first(&live), vec![live]);
+    }
+
+    #[test]
+    fn files_are_private_and_symlinks_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("0.stdout");
+        let mut w = RotatingWriter::open(&live, 4, 2).unwrap();
+        w.write_all(b"abcdefg").unwrap();
+        for f in files_oldest_first(&live) {
+            let mode = std::fs::metadata(&f).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", f.display());
+        }
+        let other = dir.path().join("target");
+        std::fs::write(&other, b"keep").unwrap();
+        let link = dir.path().join("1.stdout");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        assert!(RotatingWriter::open(&link, 4, 2).is_err());
+        assert_eq!(std::fs::read(&other).unwrap(), b"keep");
     }
 
     #[test]

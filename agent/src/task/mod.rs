@@ -3,11 +3,17 @@
 //!
 //! Each task has a folder `<data_dir>/tasks/<job>.<task>.<alloc>/` with:
 //! `task.json` (what the agent needs to re-adopt it), `shim.json` (what the
-//! shim runs), `pid` (written by the shim once the task runs) and `exit.json`
-//! (written by the shim when it ends), and `fenced` while the shim holds the
-//! task frozen for want of a lease ([`fence`]). Logs go through the shim to
+//! shim runs), `lock` (held by the shim while it lives), `pid` (written by
+//! the shim once the task runs) and `exit.json` (written by the shim when it
+//! ends), and `fenced` while the shim holds the task frozen for want of a
+//! lease ([`fence`]). Logs go through the shim to
 //! `<data_dir>/logs/<job>/<task>.stdout|stderr`, capped and rotated
-//! ([`logs`]), and outlive the folder.
+//! ([`logs`]), and outlive the folder. All of it is root's alone (folders
+//! 0700, files 0600): the environment and the output of a job are no other
+//! local user's business. The order in which a launch writes these, so that
+//! a crash at any point neither loses a task nor starts it twice, is in
+//! `launch.rs`; folders made for the user (the checkpoint directory) are
+//! made with the user's rights ([`userdir`]).
 //!
 //! Stopping a task (the job's signal, its grace, SIGKILL; cut short by a
 //! checkpoint report or by fencing) lives in `stop.rs`; telling which task a
@@ -15,24 +21,29 @@
 //!
 //! [`Runtime`] holds the observed tasks and the latest desired set, runs
 //! [`crate::reconcile::reconcile`] whenever either changes, and carries out its
-//! actions. Task starts and exits are sent as [`Event`]s to the session with
+//! actions. The desired set is unknown (nothing is started or stopped) from
+//! the agent's start, and again from each new session's start
+//! ([`Runtime::begin_session`]), until that session's first assignment set
+//! arrives: a restarted agent must not kill the tasks it just re-adopted. Task starts and exits are sent as [`Event`]s to the session with
 //! the scheduler; an exit is re-sent on every reconnect until the scheduler
 //! stops asking for the task, so a lost connection never loses an exit code.
 
 pub mod fence;
 pub mod identity;
+mod launch;
 pub mod logs;
 pub mod peer;
 pub mod shim;
 mod stop;
+pub mod userdir;
 
-use crate::cgroup::{Cgroups, Limits};
-use crate::reconcile::{self, Action, Desired, Observed, Phase, TaskKey};
+use crate::cgroup::Cgroups;
+use crate::reconcile::{self, Action, Desired, DesiredSet, Observed, Phase, TaskKey};
 use muster_proto as pb;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use shim::{ExitRecord, ShimSpec};
+use shim::ExitRecord;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -78,6 +89,10 @@ pub struct TaskMeta {
     pub grace_ms: u64,
     #[serde(default)]
     pub kill_on_checkpoint: bool,
+    /// The uid the task runs as (only a process of this uid may speak for
+    /// it on the task socket). `None` in records from older agents.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 struct Local {
@@ -126,6 +141,9 @@ pub struct RuntimeSettings {
     pub task_socket: PathBuf,
     pub log_max_bytes: u64,
     pub log_files: u32,
+    /// The agent's cgroup parent (`cgroup_parent`): a task's cgroup path is
+    /// `/<parent>/<name>` ([`peer`]).
+    pub cgroup_parent: String,
 }
 
 /// The task runtime. Cheap to share (`Arc`).
@@ -143,7 +161,8 @@ pub struct Runtime {
 #[derive(Default)]
 struct Inner {
     tasks: BTreeMap<TaskKey, Local>,
-    desired: BTreeMap<TaskKey, pb::TaskAssignment>,
+    /// `None` until the current session's first assignment set arrived.
+    desired: Option<BTreeMap<TaskKey, pb::TaskAssignment>>,
 }
 
 const START_POLL: Duration = Duration::from_millis(5);
@@ -156,8 +175,13 @@ impl Runtime {
         cgroups: Option<Arc<dyn Cgroups>>,
         events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Arc<Runtime>> {
-        std::fs::create_dir_all(settings.data_dir.join("tasks"))?;
-        std::fs::create_dir_all(settings.data_dir.join("logs"))?;
+        for sub in ["tasks", "logs"] {
+            let dir = settings.data_dir.join(sub);
+            launch::private_dir(&dir).map_err(std::io::Error::other)?;
+            // Folders made by older agents were world-readable.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let rt = Arc::new(Runtime {
             settings,
             cgroups,
@@ -241,11 +265,23 @@ impl Runtime {
         }
     }
 
+    /// A new session with a scheduler begins (call it before registering):
+    /// until its first assignment set arrives ([`Runtime::set_desired`]) the
+    /// desired set is unknown and no task is started, stopped or forgotten.
+    pub fn begin_session(&self) {
+        self.lock().desired = None;
+    }
+
+    /// Whether the current session's first assignment set has arrived.
+    pub fn desired_known(&self) -> bool {
+        self.lock().desired.is_some()
+    }
+
     /// Replace the desired set and act on the difference.
     pub fn set_desired(self: &Arc<Self>, tasks: Vec<pb::TaskAssignment>) {
         {
             let mut inner = self.lock();
-            inner.desired = tasks
+            let desired = tasks
                 .into_iter()
                 .map(|a| {
                     let key = TaskKey {
@@ -256,6 +292,7 @@ impl Runtime {
                     (key, a)
                 })
                 .collect();
+            inner.desired = Some(desired);
         }
         self.reconcile();
     }
@@ -265,14 +302,14 @@ impl Runtime {
         let _one_at_a_time = self.reconciling.lock().unwrap_or_else(|p| p.into_inner());
         let (actions, starts) = {
             let inner = self.lock();
-            let desired: Vec<Desired> = inner
-                .desired
-                .iter()
-                .map(|(k, a)| Desired {
-                    key: *k,
-                    gpus: a.gpu_indices.clone(),
-                })
-                .collect();
+            let desired: Option<Vec<Desired>> = inner.desired.as_ref().map(|d| {
+                d.iter()
+                    .map(|(k, a)| Desired {
+                        key: *k,
+                        gpus: a.gpu_indices.clone(),
+                    })
+                    .collect()
+            });
             let observed: Vec<Observed> = inner
                 .tasks
                 .values()
@@ -283,11 +320,19 @@ impl Runtime {
                     exit_reported: t.exit_reported,
                 })
                 .collect();
-            let actions = reconcile::reconcile(&desired, &observed);
+            let set = match &desired {
+                Some(d) => DesiredSet::Known(d),
+                None => DesiredSet::Unknown,
+            };
+            let actions = reconcile::reconcile(set, &observed);
             let starts: BTreeMap<TaskKey, pb::TaskAssignment> = actions
                 .iter()
                 .filter_map(|a| match a {
-                    Action::Start(k) => inner.desired.get(k).map(|d| (*k, d.clone())),
+                    Action::Start(k) => inner
+                        .desired
+                        .as_ref()
+                        .and_then(|d| d.get(k))
+                        .map(|d| (*k, d.clone())),
                     _ => None,
                 })
                 .collect();
@@ -333,6 +378,7 @@ impl Runtime {
                     stop_signal: 0,
                     grace_ms: 0,
                     kill_on_checkpoint: false,
+                    uid: None,
                 };
                 let mut local = Local::new(meta, Phase::Exited, None, reaped);
                 local.exit = Some(exit.clone());
@@ -342,113 +388,16 @@ impl Runtime {
         }
     }
 
-    /// Prepare the folder, cgroup and shim spec, and start the shim.
+    /// Prepare the folder, cgroup, shim spec and record, then start the
+    /// shim (see `launch.rs` for the order and why).
     fn launch(
         &self,
         key: TaskKey,
         a: &pb::TaskAssignment,
         reaped: Arc<tokio::sync::Notify>,
     ) -> Result<TaskMeta, String> {
-        let who = identity::resolve(&a.user, self.settings.allow_root_jobs)?;
-        let dir = self.task_dir(key);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let stdout = self.log_path(key.job, key.task, "stdout");
-        let stderr = self.log_path(key.job, key.task, "stderr");
-        if let Some(parent) = stdout.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        identity::prepare_dir(Path::new(&a.checkpoint_dir), &who);
-        let (cgroup, procs) = match &self.cgroups {
-            Some(cg) => {
-                let name = format!("job{}.t{}.a{}", key.job, key.task, key.alloc);
-                let limits = Limits {
-                    memory_bytes: Some(a.memory_bytes).filter(|m| *m > 0),
-                    cpu_millis: Some(a.cpu_millis).filter(|c| *c > 0),
-                    cpuset: None,
-                    pids_max: None,
-                    gpu_minors: a.gpu_minors.clone(),
-                };
-                cg.create(&name, &limits).map_err(|e| e.to_string())?;
-                let procs = cg.procs_files(&name);
-                (Some(name), procs)
-            }
-            None => (None, vec![]),
-        };
-        let mut env: BTreeMap<String, String> = a.env.clone().into_iter().collect();
-        identity::base_env(&mut env, &who);
-        let visible = a
-            .gpu_indices
-            .iter()
-            .map(|g| g.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
-        env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
-        env.insert("MUSTER_GPUS".into(), visible);
-        env.insert(
-            "MUSTER_AGENT_SOCKET".into(),
-            self.settings.task_socket.to_string_lossy().into_owned(),
-        );
-        let workdir = if a.workdir.is_empty() {
-            who.home.clone()
-        } else {
-            PathBuf::from(&a.workdir)
-        };
-        let spec = ShimSpec {
-            command: a.command.clone(),
-            env,
-            workdir,
-            uid: who.switch.then_some(who.uid),
-            gid: who.switch.then_some(who.gid),
-            groups: who.groups.clone(),
-            cgroup_procs: procs,
-            stdout,
-            stderr,
-            pid_file: dir.join("pid"),
-            exit_file: dir.join("exit.json"),
-            log_max_bytes: self.settings.log_max_bytes,
-            log_files: self.settings.log_files,
-            lease_file: self.settings.lease_file.clone(),
-            fence_marker: Some(dir.join(fence::MARKER)),
-        };
-        let spec_path = dir.join("shim.json");
-        let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
-        shim::write_atomic(&spec_path, &json)
-            .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
-        let child = std::process::Command::new(&self.settings.shim_path)
-            .arg("__shim")
-            .arg(&spec_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start the task supervisor {}: {e}",
-                    self.settings.shim_path.display()
-                )
-            })?;
-        let meta = TaskMeta {
-            key,
-            gpus: a.gpu_indices.clone(),
-            cgroup,
-            shim_pid: child.id(),
-            stop_signal: a.stop_signal,
-            grace_ms: a.grace_ms,
-            kill_on_checkpoint: a.kill_on_checkpoint,
-        };
-        // The shim reparents to init if we die; reap it from a thread meanwhile.
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-            reaped.notify_one();
-        });
-        let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
-        shim::write_atomic(&dir.join("task.json"), &json)
-            .map_err(|e| format!("cannot write task record: {e}"))?;
-        Ok(meta)
+        let prepared = self.prepare(key, a)?;
+        self.spawn_shim(prepared, reaped)
     }
 
     /// Watch a task until it exits; report its start and its exit.
@@ -505,14 +454,24 @@ impl Runtime {
             return Some(rec);
         }
         let shim_pid = self.lock().tasks.get(&key)?.meta.shim_pid;
-        if shim_pid != 0 && !alive(shim_pid) {
-            // The shim may have written the record just now.
-            return Some(read_exit(&exit_file).unwrap_or(ExitRecord {
-                message: "the task's supervisor died without recording an exit".into(),
-                ..ExitRecord::default()
-            }));
+        let running = match launch::shim_holds_lock(dir) {
+            Some(held) => held,
+            // A folder from an agent before the lock: the pid must do.
+            None => shim_pid != 0 && alive(shim_pid),
+        };
+        if running {
+            return None;
         }
-        None
+        // The shim may have written the record just now.
+        let message = if dir.join("pid").exists() {
+            "the task's supervisor died without recording an exit"
+        } else {
+            "the task's supervisor never started (the agent stopped while launching it)"
+        };
+        Some(read_exit(&exit_file).unwrap_or(ExitRecord {
+            message: message.into(),
+            ..ExitRecord::default()
+        }))
     }
 
     async fn finish(self: &Arc<Self>, key: TaskKey, rec: ExitRecord) {
@@ -566,13 +525,16 @@ impl Runtime {
         let root = self.settings.data_dir.join("tasks");
         for entry in std::fs::read_dir(&root)? {
             let dir = entry?.path();
-            let Some(meta) = std::fs::read(dir.join("task.json"))
+            let Some(mut meta) = std::fs::read(dir.join("task.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<TaskMeta>(&b).ok())
             else {
                 tracing::warn!("ignoring {}: no readable task.json", dir.display());
                 continue;
             };
+            if meta.uid.is_none() {
+                meta.uid = uid_of_spec(&dir.join("shim.json"));
+            }
             let key = meta.key;
             let pid = read_pid(&dir.join("pid"));
             let phase = if pid.is_some() {
@@ -605,6 +567,15 @@ fn remove_cgroup(cg: &dyn Cgroups, name: &str) -> Result<(), crate::cgroup::Cgro
     last
 }
 
+/// The uid a shim spec runs its task as (a record from an older agent).
+fn uid_of_spec(p: &Path) -> Option<u32> {
+    let spec: shim::ShimSpec = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    Some(
+        spec.uid
+            .unwrap_or_else(|| nix::unistd::Uid::effective().as_raw()),
+    )
+}
+
 fn read_pid(p: &Path) -> Option<u32> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
@@ -622,3 +593,6 @@ fn alive(pid: u32) -> bool {
     }
     signal::kill(Pid::from_raw(pid as i32), None).is_ok()
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,8 +12,18 @@
 //! Between `fork` and `exec` the task's child process joins its cgroup (by
 //! writing to file descriptors opened beforehand), starts its own session (so
 //! the whole process group can be signalled), drops to the submitting user
-//! (`setgroups`, `setgid`, `setuid`, in that order) and changes to its working
-//! directory as that user. Only async-signal-safe calls happen there.
+//! (`setgroups`, `setgid`, `setuid`, in that order), sets the usual umask
+//! (022; the agent's own is 077) and changes to its working directory as
+//! that user. Only async-signal-safe calls happen there.
+//!
+//! Before that the shim makes the task's checkpoint directory, as the user
+//! or, for the scheduler's default, safely as root ([`super::userdir`]); a
+//! directory it cannot make fails the task, with the path in the message.
+//!
+//! The shim's stdin is the task's `lock` file, which the agent locked
+//! (`flock`) before starting it: the lock is held exactly as long as some
+//! shim lives, so a restarted agent can tell a record whose supervisor never
+//! started from one whose supervisor runs (see `launch.rs`).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -53,6 +63,16 @@ pub struct ShimSpec {
     /// Where to leave the marker when the task is frozen for want of a lease.
     #[serde(default)]
     pub fence_marker: Option<PathBuf>,
+    /// The job's user, for messages.
+    #[serde(default)]
+    pub user: String,
+    /// The checkpoint directory to make before the task starts.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// The scheduler's `checkpoint_root`, when `checkpoint_dir` is its
+    /// default `<checkpoint_root>/<job id>` (see [`super::userdir`]).
+    #[serde(default)]
+    pub checkpoint_root: Option<PathBuf>,
 }
 
 /// Default cap of one log file.
@@ -74,13 +94,27 @@ pub struct ExitRecord {
     pub message: String,
 }
 
-/// Write `data` to `path` atomically (temporary file, then rename).
+/// Write `data` to `path` atomically and durably: a temporary file readable
+/// only by its owner (0600, whatever the umask), fsync, rename over `path`,
+/// fsync of the folder. A reader sees the old contents or the new, never a
+/// part, even after a crash.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The shim's `main`: run the task described in `spec_path`, record its pid
@@ -146,8 +180,27 @@ fn pump(
     }
 }
 
+/// Make the checkpoint directory (see [`super::userdir`]).
+fn prepare_checkpoint_dir(spec: &ShimSpec) -> Result<(), String> {
+    let Some(dir) = &spec.checkpoint_dir else {
+        return Ok(());
+    };
+    let owner = match (spec.uid, spec.gid) {
+        (Some(uid), Some(gid)) => Some(super::userdir::Owner {
+            name: &spec.user,
+            uid,
+            gid,
+            groups: &spec.groups,
+        }),
+        _ => None,
+    };
+    super::userdir::prepare(dir, spec.checkpoint_root.as_deref(), owner.as_ref())
+        .map_err(|e| format!("checkpoint directory {e}"))
+}
+
 fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
     let program = spec.command.first().ok_or("empty command")?;
+    prepare_checkpoint_dir(spec)?;
     let procs: Vec<OwnedFd> = spec
         .cgroup_procs
         .iter()
@@ -234,7 +287,7 @@ fn setup_child(cmd: &mut std::process::Command, procs: Vec<i32>, id: Identity, w
     let groups: Vec<Gid> = id.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // SAFETY: the closure runs in the forked child of a single-threaded shim
     // and makes only async-signal-safe system calls (write, setsid,
-    // setgroups, setgid, setuid, chdir) on data prepared before the fork; it
+    // setgroups, setgid, setuid, umask, chdir) on data prepared before the fork; it
     // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -248,6 +301,7 @@ fn setup_child(cmd: &mut std::process::Command, procs: Vec<i32>, id: Identity, w
                 nix::unistd::setgid(Gid::from_raw(gid)).map_err(std::io::Error::from)?;
                 nix::unistd::setuid(Uid::from_raw(uid)).map_err(std::io::Error::from)?;
             }
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             nix::unistd::chdir(workdir.as_c_str()).map_err(std::io::Error::from)?;
             Ok(())
         });

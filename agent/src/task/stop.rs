@@ -132,7 +132,12 @@ impl Runtime {
                 .tasks
                 .values()
                 .filter(|t| matches!(t.phase, Phase::Starting | Phase::Running))
-                .filter(|t| inner.desired.contains_key(&t.meta.key))
+                .filter(|t| {
+                    inner
+                        .desired
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(&t.meta.key))
+                })
                 .map(|t| (t.meta.key, t.pid, t.meta.cgroup.clone()))
                 .collect()
         };
