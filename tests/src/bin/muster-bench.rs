@@ -19,6 +19,12 @@
 //!     Starts a 3-scheduler cluster; each run kills the leader with SIGKILL and
 //!     measures the time to the first submission acknowledged after it.
 //!
+//!   muster-bench agent-failover [--runs 10] [--agents 2]
+//!     Starts 3 schedulers and N agents; each run kills the leader with
+//!     SIGKILL and measures, per agent, the time from the kill until the new
+//!     leader has the agent's session (its `last_seen` there is newer than
+//!     the kill): how long agents go without a scheduler per failover.
+//!
 //!   muster-bench array [--jobs 10000] [--runs 5]
 //!     One array submission of N jobs into its own 3-scheduler cluster, timed
 //!     from the RPC to its acknowledgement: jobs per second.
@@ -69,11 +75,12 @@ async fn main() -> anyhow::Result<()> {
         Some("submit") => submit(&args).await,
         Some("concurrent") => concurrent(&args).await,
         Some("failover") => failover(&args).await,
+        Some("agent-failover") => agent_failover(&args).await,
         Some("array") => array(&args).await,
         Some("preempt") => preempt(&args).await,
         _ => {
             eprintln!(
-                "usage: muster-bench latency|submit|concurrent|failover|array|preempt [options]"
+                "usage: muster-bench latency|submit|concurrent|failover|agent-failover|array|preempt [options]"
             );
             std::process::exit(2);
         }
@@ -219,6 +226,86 @@ async fn failover(args: &[String]) -> anyhow::Result<()> {
     let (median, min, max) = spread(&mut samples);
     println!(
         "{{\"bench\":\"failover\",\"runs\":{runs},\"median_ms\":{median:.0},\"min_ms\":{min:.0},\"max_ms\":{max:.0}}}"
+    );
+    Ok(())
+}
+
+/// The new leader among `addrs` once it sees every one of `nodes` agents
+/// with a session newer than `since_ms`.
+async fn sessions_back(addrs: &[String], nodes: usize, since_ms: i64) -> Option<Vec<i64>> {
+    for addr in addrs {
+        let Ok(mut client) = MusterClient::connect(addr.clone()).await else {
+            continue;
+        };
+        let Ok(st) = client.status(muster_proto::StatusRequest {}).await else {
+            continue;
+        };
+        let st = st.into_inner();
+        if st.leader_id != st.node_id {
+            continue;
+        }
+        let Ok(list) = client.list_nodes(muster_proto::ListNodesRequest {}).await else {
+            continue;
+        };
+        let seen: Vec<i64> = list
+            .into_inner()
+            .nodes
+            .iter()
+            .map(|n| n.last_seen_ms)
+            .filter(|t| *t > since_ms)
+            .collect();
+        if seen.len() == nodes {
+            return Some(seen);
+        }
+    }
+    None
+}
+
+async fn agent_failover(args: &[String]) -> anyhow::Result<()> {
+    let runs: usize = arg(args, "--runs", "10").parse()?;
+    let agents: usize = arg(args, "--agents", "2").parse()?;
+    let mut c = muster_tests::Cluster::start(muster_tests::ClusterSpec {
+        schedulers: 3,
+        agents,
+        gpus_per_agent: 8,
+        cgroups: false,
+        ..Default::default()
+    })?;
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        let leader = c.wait_leader(Duration::from_secs(20))?;
+        let others: Vec<String> = (0..3)
+            .filter(|i| *i != leader)
+            .map(|i| c.sched_addrs[i].clone())
+            .collect();
+        let killed_ms = muster_proto::daemon::now_ms();
+        c.kill_scheduler_node(leader);
+        let t0 = Instant::now();
+        // Poll: the moment every agent shows a session with the new leader,
+        // each agent's own gap is its first heartbeat's time there minus
+        // the kill (heartbeats renew last_seen, so take the poll's view).
+        let back = loop {
+            if let Some(seen) = sessions_back(&others, agents, killed_ms).await {
+                break seen;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("agents had no session 60 s after killing the leader");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let all_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        eprintln!(
+            "run {run}: killed node {} -> all {agents} agents back with the new leader after {all_ms:.0} ms (last_seen {:?} ms after the kill)",
+            leader + 1,
+            back.iter().map(|t| t - killed_ms).collect::<Vec<_>>()
+        );
+        samples.push(all_ms);
+        c.start_scheduler_node(leader)?;
+        c.wait_converged(Duration::from_secs(30))?;
+    }
+    let (median, min, max) = spread(&mut samples);
+    println!(
+        "{{\"bench\":\"agent-failover\",\"runs\":{runs},\"agents\":{agents},\"median_ms\":{median:.0},\"min_ms\":{min:.0},\"max_ms\":{max:.0}}}"
     );
     Ok(())
 }
