@@ -6,8 +6,10 @@
 //! queued when the task looks is sent as one batch, so under load a hundred
 //! client requests cost the leader one message, not a hundred calls. When the
 //! stream breaks (the leader died, a partition, the leader stepped down and
-//! closed it), every proposal still waiting is failed with the reason; a
-//! proposal the leader had already committed is found again by the client's
+//! closed it), every proposal still waiting is failed with the reason: one
+//! that was sent is [`ProposeError::OutcomeUnknown`] (the leader may have
+//! appended it), one that was not is a plain forwarding error. A proposal
+//! the leader had already committed is found again by the client's
 //! idempotency key when it retries.
 
 use super::transport;
@@ -79,17 +81,16 @@ async fn run(leader: u64, addr: String, mut rx: mpsc::Receiver<Forwarded>) {
     // Nothing more is taken; whatever was queued or sent is answered now.
     rx.close();
     let why = why.err().unwrap_or_else(|| "the forwarder stopped".into());
-    let fail = || {
-        Err(ProposeError::Forward {
-            leader,
-            message: why.clone(),
-        })
-    };
     for (_, reply) in waiting.drain() {
-        let _ = reply.send(fail());
+        let _ = reply.send(Err(ProposeError::OutcomeUnknown(format!(
+            "sent to the leader (node {leader}), which did not answer: {why}"
+        ))));
     }
     while let Ok(f) = rx.try_recv() {
-        let _ = f.reply.send(fail());
+        let _ = f.reply.send(Err(ProposeError::Forward {
+            leader,
+            message: why.clone(),
+        }));
     }
 }
 
@@ -148,6 +149,14 @@ async fn pump(
 }
 
 fn decode(leader: u64, a: pb::ProposeResponse) -> Result<ApplyResult, ProposeError> {
+    if let Some(why) = a.error.strip_prefix(super::OUTCOME_UNKNOWN) {
+        // The leader's own text, without the advice that is added again.
+        let why = why.trim_start_matches(": ");
+        let why = why.split("; it may still be applied").next().unwrap_or(why);
+        return Err(ProposeError::OutcomeUnknown(format!(
+            "at the leader (node {leader}): {why}"
+        )));
+    }
     if !a.error.is_empty() {
         return Err(ProposeError::Forward {
             leader,

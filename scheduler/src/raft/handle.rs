@@ -21,11 +21,15 @@ pub struct RaftHandle {
     pub(super) status: watch::Receiver<RaftStatus>,
     pub(super) transport: Arc<Transport>,
     pub(super) timeout: Duration,
+    /// Read barriers the driver holds (asked, or waiting for the apply).
+    pub(super) waiting_reads: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RaftHandle {
     /// Propose a command and wait until it is committed and applied. On a
-    /// follower the command is forwarded to the leader.
+    /// follower the command is forwarded to the leader. Only a proposal that
+    /// never reached a log ([`ProposeError::NotLeader`]) is sent on to the
+    /// leader; [`ProposeError::OutcomeUnknown`] goes back to the caller.
     pub async fn propose(&self, cmd: Command) -> Result<ApplyResult, ProposeError> {
         let data = cmd.encode();
         let (id, leader, is_leader) = {
@@ -119,6 +123,12 @@ impl RaftHandle {
         tokio::time::timeout(self.timeout, wait)
             .await
             .unwrap_or(Err(ProposeError::Timeout(self.timeout)))
+    }
+
+    /// How many read barriers the driver holds now.
+    pub fn waiting_reads(&self) -> usize {
+        self.waiting_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The applied state. Hold the guard briefly: the driver waits for it.

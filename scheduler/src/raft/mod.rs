@@ -17,6 +17,9 @@
 //! interval rather than every few seconds. On restart the driver loads
 //! the snapshot and raft-rs re-delivers the committed entries after it.
 
+#[cfg(test)]
+mod driver_tests;
+pub mod format;
 mod forward;
 mod handle;
 mod logger;
@@ -27,7 +30,8 @@ pub mod transport;
 
 pub use handle::RaftHandle;
 
-use crate::state::{ApplyResult, Command, State};
+use crate::state::{ApplyResult, State};
+use format::FormatError;
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry,
@@ -35,6 +39,7 @@ use raft::eraftpb::{
 };
 use raft::{RawNode, StateRole};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use storage::{SledStorage, StoreError};
@@ -42,10 +47,21 @@ use tokio::sync::{mpsc, oneshot, watch};
 use transport::{AddressBook, Feedback, Transport};
 
 /// Why a proposal was not applied.
+///
+/// Two kinds of failure must not be confused: [`ProposeError::NotLeader`]
+/// and [`ProposeError::Raft`] mean the command never reached a log, so it is
+/// safe to send it again (to the leader named); [`ProposeError::OutcomeUnknown`]
+/// means it was appended to a leader's log and may still commit, so sending
+/// the same bytes again could apply it twice: only a retry that carries the
+/// same idempotency key is safe.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ProposeError {
     #[error("this scheduler is not the leader and knows no leader (election in progress, or cut off from a quorum)")]
     NotLeader { leader: Option<u64> },
+    #[error("{OUTCOME_UNKNOWN}: {0}; it may still be applied: retry with the same idempotency key (a retry without one may apply it twice)")]
+    OutcomeUnknown(String),
+    #[error("a membership change is already in progress; wait until it is applied (muster admin status), then retry")]
+    ChangeInProgress,
     #[error("not committed within {0:?}: no quorum of schedulers is reachable")]
     Timeout(Duration),
     #[error("the raft driver has stopped")]
@@ -54,6 +70,35 @@ pub enum ProposeError {
     Raft(String),
     #[error("forwarding to the leader (node {leader}) failed: {message}")]
     Forward { leader: u64, message: String },
+}
+
+/// How an [`ProposeError::OutcomeUnknown`] begins, also when it travels back
+/// from the leader to a follower as text (see `forward.rs`).
+pub const OUTCOME_UNKNOWN: &str = "outcome unknown";
+
+/// Why the driver stopped on its own. The daemon exits non-zero with it:
+/// a member that cannot apply what the others apply must not go on serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("raft storage failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("committed log entry {index} (term {term}) cannot be applied, stopping rather than diverge from the other members: {source}")]
+    Entry {
+        index: u64,
+        term: u64,
+        #[source]
+        source: FormatError,
+    },
+    #[error(
+        "committed membership change in log entry {index} does not decode, stopping: {message}"
+    )]
+    ConfChange { index: u64, message: String },
+    #[error("the leader's snapshot at index {index} cannot be installed (storage is left as it was), stopping: {source}")]
+    Snapshot {
+        index: u64,
+        #[source]
+        source: FormatError,
+    },
 }
 
 /// One member as this node sees it.
@@ -125,8 +170,12 @@ pub(crate) enum Request {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("corrupt snapshot in the data folder: {0}")]
-    Snapshot(String),
+    #[error("the snapshot at index {index} in the data folder cannot be read: {source}")]
+    Snapshot {
+        index: u64,
+        #[source]
+        source: FormatError,
+    },
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
 }
@@ -137,18 +186,38 @@ pub type Inbound = mpsc::Sender<Message>;
 /// Open the storage in `data_dir`, restore the state and spawn the driver.
 /// Returns the handle, the sender the peer service feeds incoming raft
 /// messages into, and the driver task.
+/// The driver task ends with `Err` when the node must stop (see
+/// [`DriverError`]); the caller exits with it.
 pub fn start(
     settings: RaftSettings,
     data_dir: &std::path::Path,
     shutdown: watch::Receiver<bool>,
-) -> Result<(RaftHandle, Inbound, tokio::task::JoinHandle<()>), StartError> {
+) -> Result<(RaftHandle, Inbound, DriverTask), StartError> {
+    start_with(settings, data_dir, shutdown, |id, book, feedback| {
+        Transport::new(id, book, feedback)
+    })
+}
+
+/// The running driver: its end says why it stopped.
+pub type DriverTask = tokio::task::JoinHandle<Result<(), DriverError>>;
+
+/// [`start`] with the transport `make` builds (tests tap it).
+fn start_with(
+    settings: RaftSettings,
+    data_dir: &std::path::Path,
+    shutdown: watch::Receiver<bool>,
+    make: impl FnOnce(u64, Arc<AddressBook>, mpsc::UnboundedSender<Feedback>) -> Transport,
+) -> Result<(RaftHandle, Inbound, DriverTask), StartError> {
     let storage = SledStorage::open(data_dir)?;
     if storage.is_empty()? && !settings.voters.is_empty() {
         storage.bootstrap(settings.voters.clone())?;
     }
     let (state, applied) = match storage.load_snapshot()? {
         Some((meta, data)) => (
-            State::from_snapshot(&data).map_err(|e| StartError::Snapshot(e.to_string()))?,
+            format::decode_snapshot(&data).map_err(|source| StartError::Snapshot {
+                index: meta.index,
+                source,
+            })?,
             meta.index,
         ),
         None => (State::new(), 0),
@@ -173,7 +242,7 @@ pub fn start(
     let book = Arc::new(AddressBook::new(settings.peers.clone()));
     book.set_replicated(state.peers.clone());
     let (feedback_tx, feedback_rx) = mpsc::unbounded_channel();
-    let transport = Arc::new(Transport::new(settings.id, book, feedback_tx));
+    let transport = Arc::new(make(settings.id, book, feedback_tx));
     let state = Arc::new(RwLock::new(state));
     let (tx, rx) = mpsc::channel(65536);
     let (inbound_tx, inbound_rx) = mpsc::channel(65536);
@@ -183,15 +252,20 @@ pub fn start(
         ..Default::default()
     });
     let timeout = settings.commit_timeout;
+    let waiting_reads = Arc::new(AtomicUsize::new(0));
     let driver = Driver {
         node,
         storage,
         state: state.clone(),
         transport: transport.clone(),
         pending: HashMap::new(),
+        leader_term: 0,
         changes: HashMap::new(),
         reads: HashMap::new(),
         parked_reads: Vec::new(),
+        waiting_reads: waiting_reads.clone(),
+        ticks: 0,
+        reads_asked_at: 0,
         next_proposal: proposal_nonce(),
         applied,
         applied_term: 0,
@@ -210,6 +284,7 @@ pub fn start(
             status: status_rx,
             transport,
             timeout,
+            waiting_reads,
         },
         inbound_tx,
         task,
@@ -218,15 +293,32 @@ pub fn start(
 
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
+/// A read barrier waiting for its read index.
+struct ReadWait {
+    reply: Reply<()>,
+    /// The (term, leader) it was last asked under; `None`: not yet asked.
+    asked: Option<(u64, u64)>,
+}
+
 struct Driver {
     node: RawNode<SledStorage>,
     storage: SledStorage,
     state: Arc<RwLock<State>>,
     transport: Arc<Transport>,
+    /// Proposals appended to this leader's log, waiting to be applied.
     pending: HashMap<u64, Reply<ApplyResult>>,
+    /// The term in which `pending` (and `changes`) were appended.
+    leader_term: u64,
     changes: HashMap<u64, Reply<()>>,
-    reads: HashMap<Vec<u8>, Reply<()>>,
+    /// Read barriers by their request context, until raft gives an index.
+    reads: HashMap<Vec<u8>, ReadWait>,
+    /// Read barriers with an index, until it is applied.
     parked_reads: Vec<(u64, Reply<()>)>,
+    /// How many read barriers wait (reads and parked), for the handle.
+    waiting_reads: Arc<AtomicUsize>,
+    /// Ticks since start, and the tick when reads were last asked again.
+    ticks: u64,
+    reads_asked_at: u64,
     next_proposal: u64,
     applied: u64,
     applied_term: u64,
@@ -244,14 +336,17 @@ impl Driver {
         mut inbound: mpsc::Receiver<Message>,
         mut feedback: mpsc::UnboundedReceiver<Feedback>,
         mut shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Result<(), DriverError> {
         let mut ticker = tokio::time::interval(self.settings.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let result = loop {
             tokio::select! {
-                _ = ticker.tick() => { self.node.tick(); }
+                _ = ticker.tick() => {
+                    self.node.tick();
+                    self.ticks += 1;
+                }
                 r = rx.recv() => {
-                    let Some(r) = r else { break };
+                    let Some(r) = r else { break Ok(()) };
                     self.request(r);
                     // Batch: everything already queued shares this Ready.
                     // Yielding once first lets the request tasks that are
@@ -262,7 +357,7 @@ impl Driver {
                     }
                 }
                 m = inbound.recv() => {
-                    let Some(m) = m else { break };
+                    let Some(m) = m else { break Ok(()) };
                     self.step(m);
                     while let Ok(m) = inbound.try_recv() {
                         self.step(m);
@@ -274,20 +369,62 @@ impl Driver {
                         let status = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
                         self.node.report_snapshot(to, status);
                     }
-                    None => break,
+                    None => break Ok(()),
                 },
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => break Ok(()),
             }
+            self.ask_reads();
             if let Err(e) = self.on_ready() {
-                // Storage failure: stop serving rather than diverge.
-                tracing::error!("raft storage failed, stopping the raft driver: {e}");
-                break;
+                // Storage failure, or an entry this node cannot apply: stop
+                // serving rather than diverge.
+                tracing::error!("stopping the raft driver: {e}");
+                break Err(e);
             }
             self.fail_if_not_leader();
-        }
+        };
+        let unknown = || ProposeError::OutcomeUnknown("the raft driver stopped".into());
         for (_, reply) in self.pending.drain() {
-            let _ = reply.send(Err(ProposeError::Stopped));
+            let _ = reply.send(Err(unknown()));
         }
+        for (_, reply) in self.changes.drain() {
+            let _ = reply.send(Err(unknown()));
+        }
+        result
+    }
+
+    /// Ask raft for the read index of every read barrier that needs it:
+    /// new ones, ones asked under an earlier term or leader, and, every few
+    /// heartbeats, all of them (a leader drops a read until it has committed
+    /// an entry of its term, a follower drops it while it knows no leader,
+    /// and neither says so). Asking is only done when it can be served; a
+    /// barrier whose caller gave up is forgotten.
+    fn ask_reads(&mut self) {
+        self.reads.retain(|_, r| !r.reply.is_closed());
+        self.parked_reads.retain(|(_, r)| !r.is_closed());
+        let raft = &self.node.raft;
+        let servable = if raft.state == StateRole::Leader {
+            raft.commit_to_current_term()
+        } else {
+            raft.leader_id != 0
+        };
+        let now = (raft.term, raft.leader_id);
+        let again =
+            self.ticks >= self.reads_asked_at + 2 * self.settings.heartbeat_ticks.max(1) as u64;
+        if servable && !self.reads.is_empty() {
+            for (ctx, r) in self.reads.iter_mut() {
+                if again || r.asked != Some(now) {
+                    self.node.read_index(ctx.clone());
+                    r.asked = Some(now);
+                }
+            }
+            if again {
+                self.reads_asked_at = self.ticks;
+            }
+        }
+        self.waiting_reads.store(
+            self.reads.len() + self.parked_reads.len(),
+            Ordering::Relaxed,
+        );
     }
 
     fn step(&mut self, mut m: Message) {
@@ -311,15 +448,27 @@ impl Driver {
         ProposeError::NotLeader { leader }
     }
 
-    /// A deposed leader's pending proposals may never commit: fail them now
-    /// so clients retry (with their idempotency key) instead of waiting.
+    /// A deposed leader's pending proposals may or may not commit (a new
+    /// leader that holds them commits them): fail them now with
+    /// [`ProposeError::OutcomeUnknown`] so clients retry with their
+    /// idempotency key instead of waiting, and so that nobody re-proposes
+    /// the same bytes to the new leader (they could be applied twice).
     fn fail_if_not_leader(&mut self) {
-        if self.node.raft.state == StateRole::Leader
+        let raft = &self.node.raft;
+        if (raft.state == StateRole::Leader && raft.term == self.leader_term)
             || (self.pending.is_empty() && self.changes.is_empty())
         {
             return;
         }
-        let err = self.not_leader();
+        let err = ProposeError::OutcomeUnknown(format!(
+            "this scheduler appended the proposal as leader in term {} but lost the leadership \
+             before it was applied (leader now: {})",
+            self.leader_term,
+            match raft.leader_id {
+                0 => "unknown".to_string(),
+                id => format!("node {id}"),
+            }
+        ));
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(err.clone()));
         }
@@ -332,10 +481,10 @@ impl Driver {
         match r {
             Request::Propose { data, reply } => self.propose(data, reply),
             Request::Read { reply } => {
+                // Asked for in `ask_reads`, once raft can serve it.
                 let ctx = self.next_proposal.to_be_bytes().to_vec();
                 self.next_proposal += 1;
-                self.node.read_index(ctx.clone());
-                self.reads.insert(ctx, reply);
+                self.reads.insert(ctx, ReadWait { reply, asked: None });
             }
             Request::Change { change, reply } => self.change(change, reply),
         }
@@ -348,8 +497,12 @@ impl Driver {
         }
         let id = self.next_proposal;
         self.next_proposal += 1;
+        // Commands from followers of an older version come without the
+        // format header: the log gets it either way.
+        let data = format::wrap_command(data);
         match self.node.propose(id.to_be_bytes().to_vec(), data) {
             Ok(()) => {
+                self.note_leader_term();
                 self.pending.insert(id, reply);
             }
             Err(e) => {
@@ -358,9 +511,26 @@ impl Driver {
         }
     }
 
+    /// Proposals wait under one leadership: start a new one if the term
+    /// moved on (anything older was failed by `fail_if_not_leader`).
+    fn note_leader_term(&mut self) {
+        self.leader_term = self.node.raft.term;
+    }
+
     fn change(&mut self, change: PeerChange, reply: Reply<()>) {
         if self.node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        // raft-rs turns a change proposed while another is unapplied, or
+        // while the configuration is joint, into an empty entry without a
+        // word: refuse it here instead.
+        let raft = &self.node.raft;
+        if raft.has_pending_conf()
+            || !raft.prs().conf().to_conf_state().voters_outgoing.is_empty()
+            || !self.changes.is_empty()
+        {
+            let _ = reply.send(Err(ProposeError::ChangeInProgress));
             return;
         }
         let (kind, id, address) = match change {
@@ -387,6 +557,7 @@ impl Driver {
         cc.context = context.clone().into();
         match self.node.propose_conf_change(context, cc) {
             Ok(()) => {
+                self.note_leader_term();
                 self.changes.insert(pid, reply);
             }
             Err(e) => {
@@ -395,10 +566,10 @@ impl Driver {
         }
     }
 
-    fn on_ready(&mut self) -> Result<(), StoreError> {
+    fn on_ready(&mut self) -> Result<(), DriverError> {
         if !self.node.has_ready() {
             // An idle node still takes a snapshot that fell due.
-            return self.maybe_snapshot();
+            return Ok(self.maybe_snapshot()?);
         }
         let mut rd = self.node.ready();
         self.send(rd.take_messages());
@@ -406,8 +577,8 @@ impl Driver {
             self.install_snapshot(rd.snapshot().clone())?;
         }
         for rs in rd.take_read_states() {
-            if let Some(reply) = self.reads.remove(&rs.request_ctx) {
-                self.parked_reads.push((rs.index, reply));
+            if let Some(wait) = self.reads.remove(&rs.request_ctx) {
+                self.parked_reads.push((rs.index, wait.reply));
             }
         }
         self.apply_entries(rd.take_committed_entries())?;
@@ -448,28 +619,28 @@ impl Driver {
         }
     }
 
-    fn install_snapshot(&mut self, snap: raft::eraftpb::Snapshot) -> Result<(), StoreError> {
+    /// Install a leader's snapshot: decoded first, so that one this node
+    /// cannot read stops it before its storage is replaced.
+    fn install_snapshot(&mut self, snap: raft::eraftpb::Snapshot) -> Result<(), DriverError> {
+        let index = snap.get_metadata().index;
+        let s = format::decode_snapshot(&snap.data)
+            .map_err(|source| DriverError::Snapshot { index, source })?;
         self.storage.apply_snapshot(&snap)?;
-        match State::from_snapshot(&snap.data) {
-            Ok(s) => {
-                tracing::info!(
-                    index = snap.get_metadata().index,
-                    bytes = snap.data.len(),
-                    "installed a snapshot from the leader"
-                );
-                self.transport.book().set_replicated(s.peers.clone());
-                *self.state.write().unwrap_or_else(|p| p.into_inner()) = s;
-                self.applied = snap.get_metadata().index;
-                self.applied_term = snap.get_metadata().term;
-                self.last_snapshot = self.applied;
-                self.last_snapshot_at = std::time::Instant::now();
-            }
-            Err(e) => tracing::error!("snapshot from the leader does not decode: {e}"),
-        }
+        tracing::info!(
+            index,
+            bytes = snap.data.len(),
+            "installed a snapshot from the leader"
+        );
+        self.transport.book().set_replicated(s.peers.clone());
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = s;
+        self.applied = index;
+        self.applied_term = snap.get_metadata().term;
+        self.last_snapshot = self.applied;
+        self.last_snapshot_at = std::time::Instant::now();
         Ok(())
     }
 
-    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), DriverError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -485,13 +656,16 @@ impl Driver {
                         if e.data.is_empty() {
                             continue; // the leader's no-op at the start of its term
                         }
-                        let result = match Command::decode(&e.data) {
-                            Ok(cmd) => state.apply(&cmd),
-                            Err(err) => {
-                                tracing::error!(index = e.index, "undecodable log entry: {err}");
-                                ApplyResult::Rejected(format!("undecodable entry: {err}"))
+                        // An entry this node cannot read stops it: skipping
+                        // it would leave it apart from members that apply it.
+                        let cmd = format::decode_command(&e.data).map_err(|source| {
+                            DriverError::Entry {
+                                index: e.index,
+                                term: e.term,
+                                source,
                             }
-                        };
+                        })?;
+                        let result = state.apply(&cmd);
                         if let Some(id) = proposal_id(&e.context) {
                             if let Some(reply) = self.pending.remove(&id) {
                                 replies.push((reply, result));
@@ -500,18 +674,18 @@ impl Driver {
                     }
                     EntryType::EntryConfChange => {
                         let mut cc = ConfChange::default();
-                        if cc.merge_from_bytes(&e.data).is_ok() {
-                            let cs = self.node.apply_conf_change(&cc);
-                            self.store_conf_state(cs)?;
-                        }
+                        cc.merge_from_bytes(&e.data)
+                            .map_err(|err| conf_change_error(&e, err))?;
+                        let cs = self.node.apply_conf_change(&cc);
+                        self.store_conf_state(cs)?;
                     }
                     EntryType::EntryConfChangeV2 => {
                         let mut cc = ConfChangeV2::default();
-                        if cc.merge_from_bytes(&e.data).is_ok() {
-                            let cs = self.node.apply_conf_change(&cc);
-                            self.store_conf_state(cs)?;
-                            self.record_members(&mut state, &cc);
-                        }
+                        cc.merge_from_bytes(&e.data)
+                            .map_err(|err| conf_change_error(&e, err))?;
+                        let cs = self.node.apply_conf_change(&cc);
+                        self.store_conf_state(cs)?;
+                        self.record_members(&mut state, &cc);
                     }
                 }
             }
@@ -570,11 +744,7 @@ impl Driver {
             return Ok(());
         }
         self.last_snapshot_at = std::time::Instant::now();
-        let data = self
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .to_snapshot();
+        let data = format::encode_snapshot(&self.state.read().unwrap_or_else(|p| p.into_inner()));
         let conf = self.node.raft.prs().conf().to_conf_state();
         self.storage
             .save_snapshot(self.applied, self.applied_term, &conf, &data)?;
@@ -637,6 +807,13 @@ impl Driver {
             *old = st;
             changed
         });
+    }
+}
+
+fn conf_change_error(e: &Entry, err: protobuf::ProtobufError) -> DriverError {
+    DriverError::ConfChange {
+        index: e.index,
+        message: err.to_string(),
     }
 }
 

@@ -81,6 +81,8 @@ pub struct Transport {
     queues: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     feedback: mpsc::UnboundedSender<Feedback>,
     links: Arc<Mutex<BTreeMap<u64, String>>>,
+    /// Tests: every outbound message goes here instead of the network.
+    tap: Option<mpsc::UnboundedSender<Message>>,
 }
 
 impl Transport {
@@ -96,6 +98,22 @@ impl Transport {
             queues: Mutex::new(HashMap::new()),
             feedback,
             links: Arc::new(Mutex::new(BTreeMap::new())),
+            tap: None,
+        }
+    }
+
+    /// A transport that hands every outbound message to `tap` (tests drive
+    /// the other members themselves).
+    #[cfg(test)]
+    pub(crate) fn tapped(
+        id: u64,
+        book: Arc<AddressBook>,
+        feedback: mpsc::UnboundedSender<Feedback>,
+        tap: mpsc::UnboundedSender<Message>,
+    ) -> Transport {
+        Transport {
+            tap: Some(tap),
+            ..Transport::new(id, book, feedback)
         }
     }
 
@@ -114,6 +132,10 @@ impl Transport {
         for m in msgs {
             let to = m.to;
             if to == self.id || to == 0 {
+                continue;
+            }
+            if let Some(tap) = &self.tap {
+                let _ = tap.send(m);
                 continue;
             }
             let tx = self.queue(to);
