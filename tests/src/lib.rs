@@ -733,3 +733,42 @@ impl Drop for Cluster {
         self.remove_cgroups();
     }
 }
+
+/// Create the local account `user` (no home, `/bin/sh`) if it is missing:
+/// attack tests act as a real unprivileged user. Needs root.
+pub fn ensure_user(user: &str) -> Result<()> {
+    // Tests in one binary may ask at once; useradd locks /etc/passwd.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let exists = || nix::unistd::User::from_name(user).ok().flatten().is_some();
+    for _ in 0..20 {
+        if exists() {
+            return Ok(());
+        }
+        let out = Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", user])
+            .output()
+            .context("running useradd")?;
+        if out.status.success() || exists() {
+            return Ok(());
+        }
+        // Another test binary holds the lock on /etc/passwd: try again.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("useradd {user} failed")
+}
+
+/// Run `program args` as the local user `user` (with `runuser`), with `envs`.
+pub fn run_as(user: &str, program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Result<Output> {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", user, "--"])
+        .arg(program)
+        .args(args)
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .with_context(|| format!("running {} as {user}", program.display()))
+}
