@@ -75,6 +75,7 @@ fn child_of<'p>(dir: &'p Path, root: &Path) -> Option<&'p std::ffi::OsStr> {
 /// symlink at `name`; an existing folder must be root's (then it is given to
 /// the user) or the user's already.
 fn under_root(root: &Path, name: &std::ffi::OsStr, who: &Owner<'_>) -> Result<(), String> {
+    make_root(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     let path = root.join(name);
     match std::fs::DirBuilder::new().mode(0o700).create(&path) {
         Ok(()) => {}
@@ -100,6 +101,22 @@ fn under_root(root: &Path, name: &std::ffi::OsStr, who: &Owner<'_>) -> Result<()
     }
     std::os::unix::fs::fchown(&dir, Some(who.uid), Some(who.gid))
         .map_err(|e| format!("cannot give it to {}: {e}", who.name))
+}
+
+/// Create the operator's `root` (and missing parents) if needed, each new
+/// level 0755 so that users reach their folders below it (the agent's own
+/// umask would make them 0700).
+fn make_root(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let missing: Vec<&Path> = root.ancestors().take_while(|p| !p.exists()).collect();
+    for level in missing.into_iter().rev() {
+        match std::fs::create_dir(level) {
+            Ok(()) => std::fs::set_permissions(level, std::fs::Permissions::from_mode(0o755))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Run `f` with `who`'s filesystem identity (see the module docs). Only for
@@ -165,6 +182,12 @@ mod tests {
         prepare(&root.join("1"), Some(&root), Some(&owner(54321))).unwrap();
         let m = std::fs::metadata(root.join("1")).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (54321, 54321, 0o700));
+        // A missing root is made, open to users below it.
+        let deep = tmp.path().join("a/b");
+        prepare(&deep.join("9"), Some(&deep), Some(&owner(54321))).unwrap();
+        for p in [tmp.path().join("a"), deep.clone()] {
+            assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o755);
+        }
         // Again: it is the user's already.
         prepare(&root.join("1"), Some(&root), Some(&owner(54321))).unwrap();
         // Another user's folder is refused.
