@@ -9,6 +9,9 @@
 //! Tests that act as a real unprivileged user create one (`muster-attack`)
 //! and need root, as CI runs them; elsewhere they say so and skip.
 
+// tonic's calls answer `Result<_, Status>`; the attacker maps them as they come.
+#![allow(clippy::result_large_err)]
+
 use muster_proto as pb;
 use muster_tests::{binary, ensure_user, is_root, run_as, wait_for, Cluster, ClusterSpec};
 use serde_json::Value;
