@@ -209,7 +209,7 @@ pub struct SubmitArgs {
     pub array: Option<u32>,
 
     /// Number of tasks, placed all or nothing [default: 1]
-    #[arg(long, value_name = "N", value_parser = spec::parse_tasks)]
+    #[arg(long, value_name = "N", value_parser = spec::parse_tasks, allow_hyphen_values = true)]
     pub tasks: Option<u32>,
 
     /// GPUs per task [default: 0]
@@ -217,15 +217,15 @@ pub struct SubmitArgs {
     pub gpus: Option<u32>,
 
     /// CPUs per task, fractions allowed (0.5) or millis (500m) [default: 1]
-    #[arg(long, value_name = "C", value_parser = spec::parse_cpus)]
+    #[arg(long, value_name = "C", value_parser = spec::parse_cpus, allow_hyphen_values = true)]
     pub cpus: Option<u32>,
 
     /// Memory per task, e.g. 512M, 16G, 1.5GiB [default: 1G]
-    #[arg(long, value_name = "SIZE", value_parser = spec::parse_mem)]
+    #[arg(long, value_name = "SIZE", value_parser = spec::parse_mem, allow_hyphen_values = true)]
     pub mem: Option<u64>,
 
     /// Time limit, e.g. 90s, 2h, 1h30m, 01:30:00 [default: none]
-    #[arg(long, value_name = "DURATION", value_parser = spec::parse_time_limit)]
+    #[arg(long, value_name = "DURATION", value_parser = spec::parse_time_limit, allow_hyphen_values = true)]
     pub time: Option<u64>,
 
     /// Tenant to charge, e.g. ml/nlp [default: your default tenant, else `default`]

@@ -5,7 +5,9 @@
 //! default; `--json` everywhere for scripts (shapes in [`json`]).
 //!
 //! Errors print as one line, `muster: error: ...`, and exit with status 1;
-//! usage errors are clap's, with status 2.
+//! usage errors print the same way (with where to find help) and exit with
+//! status 2. Slurm habits (`--gres`, `-n`, `--partition`, ...) are answered
+//! with Muster's spelling.
 #![forbid(unsafe_code)]
 
 mod args;
@@ -19,13 +21,17 @@ mod pki;
 mod security_args;
 mod spec;
 mod tenant_args;
+mod usage;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage::report(e),
+    };
     // One short RPC needs no thread pool; `muster dev` runs a whole cluster.
     let runtime = if matches!(cli.command, args::Command::Dev(_)) {
         tokio::runtime::Builder::new_multi_thread()

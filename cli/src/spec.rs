@@ -203,6 +203,11 @@ fn size_unit(unit: &str) -> Option<u64> {
 
 /// Parses a memory amount: a size that is not zero.
 pub fn parse_mem(text: &str) -> Result<u64, String> {
+    if text.trim_start().starts_with('-') {
+        return Err(format!(
+            "{text:?} is negative: give a size like 512M, 16G or 1.5GiB"
+        ));
+    }
     match parse_size(text)? {
         0 => Err("must be greater than zero".to_string()),
         n => Ok(n),
@@ -221,7 +226,9 @@ pub fn parse_time_limit(text: &str) -> Result<u64, String> {
             "invalid duration {text:?}: missing unit (e.g. 90s, 30m, 2h, 1h30m or HH:MM:SS)"
         ));
     } else {
-        humantime::parse_duration(s).map_err(|e| format!("invalid duration {text:?}: {e}"))?
+        humantime::parse_duration(s).map_err(|e| {
+            format!("invalid duration {text:?} ({e}): expected e.g. 90s, 30m, 2h, 1h30m, HH:MM:SS or D-HH:MM:SS")
+        })?
     };
     let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
     if secs == 0 {
