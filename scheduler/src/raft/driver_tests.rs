@@ -311,6 +311,13 @@ async fn a_read_that_times_out_is_forgotten() {
         .await;
 }
 
+fn add(id: u64) -> PeerChange {
+    PeerChange::Add {
+        id,
+        address: format!("127.0.0.1:{id}"),
+    }
+}
+
 #[tokio::test]
 async fn a_second_membership_change_while_one_is_in_progress_is_refused() {
     let mut h = harness(&[1]);
@@ -320,11 +327,12 @@ async fn a_second_membership_change_while_one_is_in_progress_is_refused() {
     .await;
     // Entering the joint configuration commits on member 1 alone; leaving
     // it needs member 2, which never answers: the change stays in progress.
-    let add = |id: u64| PeerChange::Add {
-        id,
-        address: format!("127.0.0.1:{id}"),
-    };
-    h.handle.change_peers(add(2)).await.unwrap();
+    let handle = h.handle.clone();
+    let first = tokio::spawn(async move { handle.change_peers(add(2)).await });
+    h.until("the joint configuration is applied", |h| {
+        h.status().members.iter().any(|m| m.id == 2)
+    })
+    .await;
     let started = Instant::now();
     let second = h.handle.change_peers(add(3)).await;
     assert_eq!(second, Err(ProposeError::ChangeInProgress));
@@ -336,6 +344,24 @@ async fn a_second_membership_change_while_one_is_in_progress_is_refused() {
         .unwrap_err()
         .to_string()
         .contains("a membership change is already in progress"));
+    first.abort();
+}
+
+#[tokio::test]
+async fn membership_changes_one_after_the_other_both_go_through() {
+    let mut h = harness(&[1, 2, 3]);
+    elect_member_1(&mut h).await;
+    // Members 4 and 5 never answer; 1, 2 and 3 are a quorum of every
+    // configuration on the way.
+    for id in [4, 5] {
+        let handle = h.handle.clone();
+        let change = tokio::spawn(async move { handle.change_peers(add(id)).await });
+        h.until("the change is answered", |_| change.is_finished())
+            .await;
+        assert_eq!(change.await.unwrap(), Ok(()), "adding {id}");
+    }
+    let voters: Vec<u64> = h.status().members.iter().map(|m| m.id).collect();
+    assert_eq!(voters, vec![1, 2, 3, 4, 5]);
 }
 
 /// Send raw entry bytes through the driver, as a buggy or newer member's

@@ -261,6 +261,7 @@ fn start_with(
         pending: HashMap::new(),
         leader_term: 0,
         changes: HashMap::new(),
+        leaving: Vec::new(),
         reads: HashMap::new(),
         parked_reads: Vec::new(),
         waiting_reads: waiting_reads.clone(),
@@ -310,6 +311,10 @@ struct Driver {
     /// The term in which `pending` (and `changes`) were appended.
     leader_term: u64,
     changes: HashMap<u64, Reply<()>>,
+    /// Membership changes applied (the configuration is joint), answered
+    /// once raft-rs has left the joint configuration, so that the next
+    /// change can be made as soon as the caller hears of this one.
+    leaving: Vec<Reply<()>>,
     /// Read barriers by their request context, until raft gives an index.
     reads: HashMap<Vec<u8>, ReadWait>,
     /// Read barriers with an index, until it is applied.
@@ -389,6 +394,7 @@ impl Driver {
         for (_, reply) in self.changes.drain() {
             let _ = reply.send(Err(unknown()));
         }
+        self.answer_leaving();
         result
     }
 
@@ -456,7 +462,7 @@ impl Driver {
     fn fail_if_not_leader(&mut self) {
         let raft = &self.node.raft;
         if (raft.state == StateRole::Leader && raft.term == self.leader_term)
-            || (self.pending.is_empty() && self.changes.is_empty())
+            || (self.pending.is_empty() && self.changes.is_empty() && self.leaving.is_empty())
         {
             return;
         }
@@ -474,6 +480,17 @@ impl Driver {
         }
         for (_, reply) in self.changes.drain() {
             let _ = reply.send(Err(err.clone()));
+        }
+        // Changes already applied stay applied; the next leader leaves the
+        // joint configuration.
+        self.answer_leaving();
+    }
+
+    /// Answer the membership changes that were waiting for the joint
+    /// configuration to be left.
+    fn answer_leaving(&mut self) {
+        for reply in self.leaving.drain(..) {
+            let _ = reply.send(Ok(()));
         }
     }
 
@@ -684,8 +701,9 @@ impl Driver {
                         cc.merge_from_bytes(&e.data)
                             .map_err(|err| conf_change_error(&e, err))?;
                         let cs = self.node.apply_conf_change(&cc);
+                        let joint = cs.as_ref().is_ok_and(|cs| !cs.voters_outgoing.is_empty());
                         self.store_conf_state(cs)?;
-                        self.record_members(&mut state, &cc);
+                        self.record_members(&mut state, &cc, joint);
                     }
                 }
             }
@@ -698,7 +716,12 @@ impl Driver {
 
     /// Keep the replicated address book in step with a membership change, and
     /// answer the admin call that proposed it.
-    fn record_members(&mut self, state: &mut State, cc: &ConfChangeV2) {
+    fn record_members(&mut self, state: &mut State, cc: &ConfChangeV2, joint: bool) {
+        if cc.get_changes().is_empty() {
+            // raft-rs left the joint configuration: the changes are done.
+            self.answer_leaving();
+            return;
+        }
         let (pid, address): (u64, String) =
             bincode::deserialize(&cc.context).unwrap_or((0, String::new()));
         for c in cc.get_changes() {
@@ -721,7 +744,11 @@ impl Driver {
         }
         self.transport.book().set_replicated(state.peers.clone());
         if let Some(reply) = self.changes.remove(&pid) {
-            let _ = reply.send(Ok(()));
+            if joint {
+                self.leaving.push(reply);
+            } else {
+                let _ = reply.send(Ok(()));
+            }
         }
     }
 
