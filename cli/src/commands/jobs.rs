@@ -46,7 +46,8 @@ pub async fn why(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
             "id": job.id,
             "state": job_state_name(job.state),
             "queue_position": (job.queue_position > 0).then_some(job.queue_position),
-            "reason": job.reason,
+            "reason": why_reason(&job),
+            "borrowed": job.borrowed,
         }));
     }
     println!("{}", why_text(&job));
@@ -55,18 +56,25 @@ pub async fn why(ctx: &Ctx, id: u64) -> anyhow::Result<()> {
 
 /// One line: the job, its state, and the reason.
 pub fn why_text(job: &JobInfo) -> String {
-    let state = state_of(job);
     let spec = job.spec.clone().unwrap_or_default();
-    let head = format!(
-        "job {} ({}, tenant {}, priority {})",
+    format!(
+        "job {} ({}, tenant {}, priority {}): {}",
         job.id,
         job_state_name(job.state),
         crate::output::escape(&spec.tenant),
-        or_dash(&job.priority)
-    );
+        or_dash(&job.priority),
+        crate::output::escape(&why_reason(job))
+    )
+}
+
+/// Why the job is where it is: its place and the planner's verdict while
+/// pending, where it runs, or how it ended (the same text for humans and
+/// for `--json`).
+pub fn why_reason(job: &JobInfo) -> String {
+    let state = state_of(job);
     match state {
         JobState::Pending => format!(
-            "{head}: position {} in the queue; {}",
+            "position {} in the queue; {}",
             job.queue_position,
             or_dash(&job.reason)
         ),
@@ -76,9 +84,37 @@ pub fn why_text(job: &JobInfo) -> String {
             } else {
                 ""
             };
-            format!("{head}: running{borrowed}")
+            let verb = if state == JobState::Placed {
+                "starting"
+            } else {
+                "running"
+            };
+            format!("{verb}{borrowed} on {}", nodes_of(job))
         }
-        _ => format!("{head}: {}", or_dash(&job.reason)),
+        _ if !job.reason.is_empty() => job.reason.clone(),
+        JobState::Completed => {
+            let ran = format_span_ms(job.started_at_ms, job.ended_at_ms, job.ended_at_ms);
+            format!("completed: every task exited 0 (ran {ran})")
+        }
+        other => format!("{} ({})", job_state_name(job.state), ended_how(job, other)),
+    }
+}
+
+/// A short account of a finished job without a recorded reason.
+fn ended_how(job: &JobInfo, state: JobState) -> String {
+    let failed: Vec<String> = job
+        .tasks
+        .iter()
+        .filter_map(|t| match (t.exit_code, t.signal) {
+            (_, Some(sig)) => Some(format!("task {} killed by signal {sig}", t.index)),
+            (Some(c), None) if c != 0 => Some(format!("task {} exited {c}", t.index)),
+            _ => None,
+        })
+        .collect();
+    match (state, failed.is_empty()) {
+        (_, false) => failed.join(", "),
+        (JobState::Cancelled, true) => "cancelled before it ran".to_string(),
+        _ => "no task reported a failure".to_string(),
     }
 }
 
@@ -136,11 +172,23 @@ fn nodes_of(job: &JobInfo) -> String {
     or_dash(&nodes.into_iter().collect::<Vec<_>>().join(","))
 }
 
-/// How long a job has waited (pending), run (active) or ran (finished).
-fn job_time(job: &JobInfo, now: i64) -> String {
+/// How long a job waited: from submission to its (latest) start, or until
+/// now while it is pending; `-` for a job that ended without starting.
+fn job_wait(job: &JobInfo, now: i64) -> String {
     match state_of(job) {
         JobState::Pending => format_span_ms(job.submitted_at_ms, 0, now),
-        state if is_active(state) => format_span_ms(job.started_at_ms, 0, now),
+        _ if job.started_at_ms > 0 => format_span_ms(job.submitted_at_ms, job.started_at_ms, now),
+        _ => "-".to_string(),
+    }
+}
+
+/// How long a job has run (active) or ran (finished); `-` if it never did.
+fn job_run(job: &JobInfo, now: i64) -> String {
+    match state_of(job) {
+        JobState::Pending => "-".to_string(),
+        state if is_active(state) || job.ended_at_ms <= 0 => {
+            format_span_ms(job.started_at_ms, 0, now)
+        }
         _ => format_span_ms(job.started_at_ms, job.ended_at_ms, now),
     }
 }
@@ -167,7 +215,8 @@ pub fn queue_table(jobs: &[JobInfo], now: i64) -> Table {
         "STATE",
         "TASKS",
         "GPUS",
-        "TIME",
+        "WAIT",
+        "RUN",
         "NODES(REASON)",
     ]);
     for job in jobs {
@@ -187,7 +236,8 @@ pub fn queue_table(jobs: &[JobInfo], now: i64) -> Table {
             job_state_name(job.state),
             spec.tasks.to_string(),
             gpus.to_string(),
-            job_time(job, now),
+            job_wait(job, now),
+            job_run(job, now),
             nodes_or_reason(job),
         ]);
     }
@@ -406,6 +456,10 @@ mod tests {
         pending.priority = "high".into();
         pending.reason = "waiting for the preemption of job 2".into();
         let text = why_text(&pending);
+        assert_eq!(
+            why_reason(&pending),
+            "position 3 in the queue; waiting for the preemption of job 2"
+        );
         assert!(text.starts_with("job 7 (pending, tenant "), "{text}");
         assert!(
             text.ends_with(
@@ -416,6 +470,34 @@ mod tests {
         let mut running = job(8, JobState::Running, 0);
         running.borrowed = true;
         assert!(why_text(&running).contains("on borrowed capacity"));
+        // --json gets the same reason the text shows, not "".
+        assert!(why_reason(&running).contains("on borrowed capacity"));
+        let mut done = job(9, JobState::Completed, 0);
+        done.started_at_ms = 1_000;
+        done.ended_at_ms = 33_000;
+        assert_eq!(
+            why_reason(&done),
+            "completed: every task exited 0 (ran 32s)"
+        );
+        let mut failed = job(10, JobState::Failed, 0);
+        failed.tasks = vec![TaskInfo {
+            index: 1,
+            exit_code: Some(3),
+            ..TaskInfo::default()
+        }];
+        assert_eq!(why_reason(&failed), "failed (task 1 exited 3)");
+    }
+
+    #[test]
+    fn the_queue_says_wait_and_run_apart() {
+        let mut cancelled = job(3, JobState::Cancelled, 0);
+        cancelled.submitted_at_ms = 1_000;
+        cancelled.started_at_ms = 2_000;
+        cancelled.ended_at_ms = 34_000;
+        let text = queue_table(&[cancelled], 100_000).render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("WAIT  RUN"), "{text}");
+        assert!(lines[1].contains("1s    32s"), "{text}");
     }
 
     #[test]

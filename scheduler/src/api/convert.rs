@@ -180,7 +180,11 @@ pub fn job_to_pb(state: &State, j: &Job, reason: Option<&str>, position: u32) ->
         restart_count: j.restart_count,
         queue_position: position,
         priority: j.spec.priority.clone(),
-        borrowed: j.alloc.as_ref().is_some_and(|a| a.borrowed),
+        // Borrowing matters only where a reclaim can happen: some tenant
+        // has a guarantee to take back. Without one, every allocation is
+        // "borrowed" and saying so on every job is noise.
+        borrowed: j.alloc.as_ref().is_some_and(|a| a.borrowed)
+            && state.tenants.values().any(|t| t.guarantee_gpus > 0),
         checkpoint_at_ms: j.last_checkpoint.as_ref().map_or(0, |c| c.at_ms),
         checkpoint_step: j.last_checkpoint.as_ref().and_then(|c| c.step),
         checkpoint_task: j.last_checkpoint.as_ref().map_or(0, |c| c.task),
@@ -312,5 +316,36 @@ pub fn exit_from_pb(e: &pb::TaskExited) -> ExitInfo {
         signal: e.signal,
         oom_killed: e.oom_killed,
         message: e.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Tenant;
+    use crate::state::tests::World;
+    use crate::state::Command;
+
+    #[test]
+    fn borrowing_is_shown_only_where_a_reclaim_can_happen() {
+        let mut w = World::new(&[("n1", 8)]);
+        let id = w.submit(1, 2);
+        w.schedule();
+        let borrowed = |w: &World| job_to_pb(&w.s, &w.s.jobs[&id], None, 0).borrowed;
+        assert!(
+            w.s.jobs[&id].alloc.as_ref().is_some_and(|a| a.borrowed),
+            "beyond a zero guarantee"
+        );
+        assert!(
+            !borrowed(&w),
+            "no tenant has a guarantee: nothing to reclaim"
+        );
+        let mut t = Tenant::open("ml");
+        t.guarantee_gpus = 4;
+        w.cmd(Command::CreateTenant {
+            tenant: Box::new(t),
+            default_for: vec![],
+        });
+        assert!(borrowed(&w), "ml may reclaim it now");
     }
 }
