@@ -84,6 +84,7 @@ fn cluster() -> State {
                 cpu_millis: 128_000,
                 memory_bytes: 2 << 40,
                 labels,
+                log_key: vec![0; 32],
             },
             running: vec![],
             at_ms: 0,
