@@ -2,7 +2,8 @@
 //! anything, so a rejected command leaves no trace.
 
 use super::{
-    ApplyResult, Command, NodeRegistration, Placement, PreemptOrder, State, TaskKey, TenantUse,
+    ApplyResult, Command, NodeRegistration, NodeUsage, Placement, PreemptOrder, State, TaskKey,
+    TenantUse,
 };
 use crate::model::{
     AllocId, Allocation, ExitInfo, GpuRecord, Job, JobId, JobSpec, JobState, Node, NodeState,
@@ -236,10 +237,8 @@ impl State {
             .filter(|(k, st)| *st == TaskState::Running && !running.contains(k))
             .map(|(k, _)| k)
             .collect();
-        for key in lost {
-            let msg = format!("task lost: node {} came back without it", reg.name);
-            self.lose_task(key, msg, at_ms);
-        }
+        let msg = format!("task lost: node {} came back without it", reg.name);
+        self.lose_tasks(&lost, &msg, at_ms);
         ApplyResult::Applied
     }
 
@@ -254,9 +253,7 @@ impl State {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        for key in keys {
-            self.lose_task(key, format!("node {name} lost"), at_ms);
-        }
+        self.lose_tasks(&keys, &format!("node {name} lost"), at_ms);
         ApplyResult::Applied
     }
 
@@ -349,16 +346,12 @@ impl State {
     }
 
     fn task_exited(&mut self, key: TaskKey, exit: &ExitInfo, at_ms: i64) -> ApplyResult {
-        let Some(task) = self.task_mut(key) else {
+        if self.task_mut(key).is_none() {
             return ApplyResult::Rejected(format!("no task {}.{}", key.job, key.task));
-        };
-        if !task.state.holds_resources() {
+        }
+        if !self.end_task(key, TaskState::Exited, exit.clone(), at_ms) {
             return ApplyResult::Applied;
         }
-        task.state = TaskState::Exited;
-        task.exit = Some(exit.clone());
-        task.ended_at_ms = at_ms;
-        self.release_task(key);
         let Some(job) = self.jobs.get(&key.job) else {
             return ApplyResult::Applied;
         };
@@ -416,56 +409,79 @@ impl State {
     /// Tasks of the job that never started give their resources back now;
     /// running ones hold them until their agent reports the exit.
     pub(super) fn release_unstarted(&mut self, id: JobId, at_ms: i64) {
-        let Some(alloc) = self.jobs.get_mut(&id).and_then(|j| j.alloc.as_mut()) else {
+        let Some(alloc) = self.jobs.get(&id).and_then(|j| j.alloc.as_ref()) else {
             return;
         };
-        let mut unstarted = Vec::new();
-        for t in alloc.tasks.iter_mut() {
-            if t.state == TaskState::Assigned {
-                t.state = TaskState::Exited;
-                t.exit = Some(ExitInfo {
-                    message: "never started".into(),
-                    ..ExitInfo::default()
-                });
-                t.ended_at_ms = at_ms;
-                unstarted.push(t.placement.clone());
+        let unstarted: Vec<TaskKey> = alloc
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state == TaskState::Assigned)
+            .map(|(i, _)| TaskKey {
+                job: id,
+                alloc: alloc.id.0,
+                task: i as u32,
+            })
+            .collect();
+        for key in unstarted {
+            let exit = ExitInfo {
+                message: "never started".into(),
+                ..ExitInfo::default()
+            };
+            self.end_task(key, TaskState::Exited, exit, at_ms);
+        }
+    }
+
+    /// The one way a task of the current allocation stops holding its
+    /// node's resources: moves it to `to` (exited or lost) and gives back
+    /// what it booked, exactly once. Returns `false`, changing nothing, when
+    /// the task is not current or no longer holds resources, so a task
+    /// reached twice (a node loss that requeues its job, then meets the
+    /// job's other tasks) is never released twice.
+    pub(super) fn end_task(
+        &mut self,
+        key: TaskKey,
+        to: TaskState,
+        exit: ExitInfo,
+        at_ms: i64,
+    ) -> bool {
+        let Some(task) = self.task_mut(key) else {
+            return false;
+        };
+        if !task.state.holds_resources() {
+            return false;
+        }
+        task.state = to;
+        task.exit = Some(exit);
+        task.ended_at_ms = at_ms;
+        let placement = task.placement.clone();
+        self.unbook(key.job, &placement);
+        true
+    }
+
+    /// Mark these tasks lost (a node lost, or back without them), then
+    /// decide each job once: all of a job's lost tasks are ended before its
+    /// requeue looks at which of its tasks still hold resources.
+    fn lose_tasks(&mut self, keys: &[TaskKey], message: &str, at_ms: i64) {
+        let mut jobs: Vec<JobId> = Vec::new();
+        for key in keys {
+            let exit = ExitInfo {
+                message: message.to_string(),
+                ..ExitInfo::default()
+            };
+            if self.end_task(*key, TaskState::Lost, exit, at_ms) && !jobs.contains(&key.job) {
+                jobs.push(key.job);
             }
         }
-        for p in unstarted {
-            self.unbook(id, &p);
-        }
-    }
-
-    fn lose_task(&mut self, key: TaskKey, message: String, at_ms: i64) {
-        let Some(task) = self.task_mut(key) else {
-            return;
-        };
-        task.state = TaskState::Lost;
-        task.exit = Some(ExitInfo {
-            message: message.clone(),
-            ..ExitInfo::default()
-        });
-        task.ended_at_ms = at_ms;
-        self.release_task(key);
-        let state = self.jobs.get(&key.job).map(|j| j.state);
-        if state.is_some_and(JobState::is_stopping) {
-            self.requeue_if_stopped(key.job);
-        } else if state.is_some_and(|s| !s.is_terminal()) {
-            // The infrastructure failed the job, not the job itself.
-            self.requeue(key.job, message, false, at_ms);
-        }
-        self.index_job(key.job);
-    }
-
-    fn release_task(&mut self, key: TaskKey) {
-        let placement = self
-            .jobs
-            .get(&key.job)
-            .and_then(|j| j.alloc.as_ref())
-            .and_then(|a| a.tasks.get(key.task as usize))
-            .map(|t| t.placement.clone());
-        if let Some(p) = placement {
-            self.unbook(key.job, &p);
+        for id in jobs {
+            let state = self.jobs.get(&id).map(|j| j.state);
+            if state.is_some_and(JobState::is_stopping) {
+                self.requeue_if_stopped(id);
+            } else if state.is_some_and(|s| !s.is_terminal()) {
+                // The infrastructure failed the job, not the job itself.
+                self.requeue(id, message.to_string(), false, at_ms);
+            }
+            self.index_job(id);
         }
     }
 
@@ -473,6 +489,11 @@ impl State {
     fn unbook(&mut self, job: JobId, p: &TaskPlacement) {
         if let Some(u) = self.usage.get_mut(&p.node) {
             u.remove(job, p);
+            // Canonical: a node that holds nothing has no entry, as after a
+            // rebuild from a snapshot (so the two compare equal).
+            if *u == NodeUsage::default() {
+                self.usage.remove(&p.node);
+            }
         }
         if let Some(tenant) = self.jobs.get(&job).map(|j| j.spec.tenant.clone()) {
             self.book_tenant(&tenant, p, false);

@@ -21,7 +21,7 @@ mod security;
 mod tenants;
 mod usage;
 
-pub use security::{AuditEntry, Principal, TokenRecord, MAX_AUDIT};
+pub use security::{is_change, AuditEntry, Principal, TokenRecord, MAX_AUDIT};
 pub use tenants::{TenantPatch, TenantUse};
 pub use usage::NodeUsage;
 
@@ -312,12 +312,19 @@ impl State {
         }
     }
 
-    /// A stable digest of the replicated part of the state (for comparing replicas).
+    /// A stable digest of the whole state (for comparing replicas): the
+    /// replicated part *and* the derived indexes as this replica keeps them,
+    /// so a replica whose incremental bookkeeping drifted from what a
+    /// restore would rebuild (the double release of issue 11 #1) shows a
+    /// different digest from its peers. The indexes are canonical (no empty
+    /// entries), so equal states give equal bytes.
     pub fn digest(&self) -> u64 {
         // FNV-1a over the canonical serialization: stable across processes.
-        let bytes = self.to_snapshot();
+        let derived =
+            bincode::serialize(&(&self.pending, &self.active, &self.usage, &self.tenant_use))
+                .unwrap_or_default();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in bytes {
+        for b in self.to_snapshot().into_iter().chain(derived) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
@@ -351,5 +358,7 @@ pub fn held_gpus(job: &Job) -> u32 {
 
 #[cfg(test)]
 mod lifecycle_tests;
+#[cfg(test)]
+mod random_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -13,7 +13,7 @@ use crate::planner::fit;
 use serde::{Deserialize, Serialize};
 
 /// What a tenant's subtree holds (or a job asks for).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct TenantUse {
     pub gpus: u32,
     pub cpu_millis: u64,
@@ -261,6 +261,11 @@ impl State {
         for name in Tenant::lineage(tenant) {
             let e = self.tenant_use.entry(name.to_string()).or_default();
             *e = if add { e.plus(u) } else { e.minus(u) };
+            // Canonical: a tenant holding nothing has no entry, as after a
+            // rebuild from a snapshot.
+            if *e == TenantUse::default() {
+                self.tenant_use.remove(name);
+            }
         }
     }
 

@@ -342,6 +342,51 @@ fn lost_node_releases_its_gpus_and_requeues_its_jobs() {
     assert_eq!(w.free_gpus("a"), 4);
 }
 
+/// Issue 11 #1: losing a node that holds one running and one still-assigned
+/// task of a gang (its third task runs elsewhere) released the assigned
+/// task twice: once when the first loss requeued the job, again when the
+/// loss reached it. Usage then disagreed with a replica restored from a
+/// snapshot, and quotas admitted past their limits.
+#[test]
+fn losing_a_node_releases_each_task_once() {
+    let mut w = World::new(&[("a", 2), ("b", 1)]);
+    let j = w.submit(3, 1);
+    w.schedule();
+    let on = |w: &World, node: &str| -> Vec<u32> {
+        let a = w.s.jobs[&j].alloc.as_ref().unwrap();
+        (0..3)
+            .filter(|&t| a.tasks[t as usize].placement.node == node)
+            .collect()
+    };
+    let (on_a, on_b) = (on(&w, "a"), on(&w, "b"));
+    assert_eq!((on_a.len(), on_b.len()), (2, 1));
+    // One task on a runs, the other is still assigned; b's task runs.
+    for t in [on_a[0], on_b[0]] {
+        let key = w.key(j, t);
+        w.cmd(Command::TaskStarted { key, at_ms: w.now });
+    }
+    w.cmd(Command::NodeLost {
+        name: "a".into(),
+        at_ms: w.now,
+    });
+    assert_eq!(w.state(j), JobState::Requeued);
+    assert_eq!(
+        w.s.tenant_use(DEFAULT_TENANT).gpus,
+        1,
+        "b's task still holds its GPU"
+    );
+    assert_eq!(w.s.tenant_use(DEFAULT_TENANT).cpu_millis, 1000);
+    let restored = State::from_snapshot(&w.s.to_snapshot()).unwrap();
+    assert_eq!(restored.tenant_use, w.s.tenant_use);
+    assert_eq!(restored.usage, w.s.usage);
+    assert_eq!(restored.digest(), w.s.digest());
+    w.exit(j, on_b[0], 143);
+    assert_eq!(w.state(j), JobState::Pending);
+    assert_eq!(w.s.tenant_use(DEFAULT_TENANT), TenantUse::default());
+    let restored = State::from_snapshot(&w.s.to_snapshot()).unwrap();
+    assert_eq!(restored.tenant_use, w.s.tenant_use);
+}
+
 #[test]
 fn reregistration_adopts_reported_tasks_and_loses_the_rest() {
     let mut w = World::new(&[("a", 8)]);

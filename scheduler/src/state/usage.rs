@@ -2,10 +2,11 @@
 //! (never serialized) and kept up to date incrementally by `apply`.
 
 use crate::model::{JobId, TaskPlacement};
+use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// What one node has handed out.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NodeUsage {
     /// GPU index → job holding it.
     pub gpus: BTreeMap<u32, JobId>,
