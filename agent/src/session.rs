@@ -289,6 +289,8 @@ async fn session(
         seen_term: fence.term,
         log_key: node.log_key.clone(),
     };
+    // No kill until this session's first assignment set has arrived.
+    runtime.begin_session();
     send(&tx, pb::agent_message::Kind::Register(register)).await?;
     let mut inbound = client
         .session(ReceiverStream::new(rx))
@@ -317,9 +319,19 @@ async fn session(
     let lease = Duration::from_millis(reg.lease_ms).mul_f64(LEASE_SHARE);
     let mut seq = 0u64;
     let mut unacked: std::collections::VecDeque<(u64, i64)> = Default::default();
+    // A scheduler that stops acknowledging (stalled, deposed, cut off from
+    // its quorum) is left for another well before the lease runs out.
+    let ack_timeout = ack_timeout(reg.lease_ms, reg.heartbeat_interval_ms);
+    let mut last_ack = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
+                if last_ack.elapsed() > ack_timeout {
+                    return Err(format!(
+                        "no heartbeat acknowledged for {:.1}s: the scheduler is stalled or no longer leads",
+                        last_ack.elapsed().as_secs_f64()
+                    ).into());
+                }
                 seq += 1;
                 unacked.push_back((seq, crate::task::fence::now_ms()));
                 if unacked.len() > MAX_UNACKED {
@@ -348,6 +360,7 @@ async fn session(
                         }
                     }
                     Some(pb::scheduler_message::Kind::HeartbeatAck(ack)) => {
+                        last_ack = tokio::time::Instant::now();
                         while unacked.front().is_some_and(|(s, _)| *s < ack.seq) {
                             unacked.pop_front();
                         }
@@ -366,6 +379,13 @@ async fn session(
         e.registered = true;
         e
     })
+}
+
+/// How long a session may go without a heartbeat acknowledged: a third of
+/// the lease (so the agent looks for the new leader while its lease still
+/// holds), but never less than three heartbeats.
+fn ack_timeout(lease_ms: u64, heartbeat_ms: u64) -> Duration {
+    Duration::from_millis((lease_ms / 3).max(heartbeat_ms.max(100) * 3))
 }
 
 /// The leader acknowledged a heartbeat sent at `sent_ms`: the lease is
@@ -524,6 +544,12 @@ mod tests {
         let (next, at) = d.pick(now);
         assert_eq!(next, "b:1", "the member after the lost one");
         assert_eq!(at, now, "no backoff left over from before the session");
+    }
+
+    #[test]
+    fn a_silent_scheduler_is_left_before_the_lease_ends() {
+        assert_eq!(ack_timeout(15_000, 1_000), Duration::from_secs(5));
+        assert_eq!(ack_timeout(1_000, 500), Duration::from_millis(1_500));
     }
 
     #[test]
