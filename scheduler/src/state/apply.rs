@@ -110,47 +110,62 @@ impl State {
         }
     }
 
-    /// Every element is checked before any is created: all or nothing.
+    /// Every element is checked before any is created: all or nothing. The
+    /// elements differ only in `name[i]` and `MUSTER_ARRAY_INDEX`, so the
+    /// first is checked whole and the longest name (the last index) against
+    /// the name limit; then every element is created, none can be dropped.
     fn submit_array(&mut self, spec: &JobSpec, user: &str, at_ms: i64, count: u32) -> ApplyResult {
-        if count == 0 || count > MAX_ARRAY {
-            return ApplyResult::Rejected(format!("array: must be 1 to {MAX_ARRAY} jobs"));
+        if let Err(e) = validate_array(spec, count) {
+            return ApplyResult::Rejected(e);
         }
         let element = |i: u32| {
             let mut s = spec.clone();
-            s.name = format!("{}[{i}]", spec.name);
+            s.name = array_element_name(&spec.name, i);
             s.env.insert("MUSTER_ARRAY_INDEX".into(), i.to_string());
             s
         };
-        let first = match self.submit(&element(0), user, at_ms) {
-            ApplyResult::Submitted(id) => id,
-            other => return other,
+        let first = match self.admit(&element(0), user) {
+            Ok(spec) => spec,
+            Err(e) => return ApplyResult::Rejected(e),
         };
+        let first_id = self.create_job(first, user, at_ms);
         for i in 1..count {
-            // The same spec passed for element 0; only name and env differ.
-            self.submit(&element(i), user, at_ms);
+            let spec = JobSpec {
+                tenant: self.jobs[&first_id].spec.tenant.clone(),
+                ..element(i)
+            };
+            self.create_job(spec, user, at_ms);
         }
-        ApplyResult::Submitted(first)
+        ApplyResult::Submitted(first_id)
     }
 
     fn submit(&mut self, spec: &JobSpec, user: &str, at_ms: i64) -> ApplyResult {
-        let tenant = match self.resolve_tenant(user, &spec.tenant) {
-            Ok(t) => t,
-            Err(e) => return ApplyResult::Rejected(e),
-        };
-        let spec = &JobSpec {
+        match self.admit(spec, user) {
+            Ok(spec) => ApplyResult::Submitted(self.create_job(spec, user, at_ms)),
+            Err(e) => ApplyResult::Rejected(e),
+        }
+    }
+
+    /// The spec as it would be accepted (its tenant resolved), or why not.
+    fn admit(&self, spec: &JobSpec, user: &str) -> Result<JobSpec, String> {
+        let tenant = self.resolve_tenant(user, &spec.tenant)?;
+        let spec = JobSpec {
             tenant,
             ..spec.clone()
         };
-        if let Err(reason) = fit::validate_spec(self, spec) {
-            return ApplyResult::Rejected(reason);
-        }
+        fit::validate_spec(self, &spec)?;
+        Ok(spec)
+    }
+
+    /// Add an admitted job to the queue.
+    fn create_job(&mut self, spec: JobSpec, user: &str, at_ms: i64) -> JobId {
         let id = JobId(self.next_job_id);
         self.next_job_id += 1;
         self.jobs.insert(
             id,
             Job {
                 id,
-                spec: spec.clone(),
+                spec,
                 user: user.to_string(),
                 state: JobState::Pending,
                 submitted_at_ms: at_ms,
@@ -165,7 +180,7 @@ impl State {
             },
         );
         self.pending.insert(id);
-        ApplyResult::Submitted(id)
+        id
     }
 
     fn remember_submit_key(&mut self, key: &str, id: JobId) {
@@ -604,6 +619,33 @@ impl State {
             self.charge_finished(id);
         }
     }
+}
+
+/// The name of element `i` of an array named `name`.
+pub fn array_element_name(name: &str, i: u32) -> String {
+    format!("{name}[{i}]")
+}
+
+/// Check what an array submission adds to its spec, before anything is
+/// proposed (the API calls it too, to refuse early): the count, and that
+/// every element's generated name fits the name limit. Errors name the field.
+pub fn validate_array(spec: &JobSpec, count: u32) -> Result<(), String> {
+    if count == 0 || count > MAX_ARRAY {
+        return Err(format!("array: must be 1 to {MAX_ARRAY} jobs, got {count}"));
+    }
+    // Names grow with the index: the last element's is the longest.
+    let longest = array_element_name(&spec.name, count - 1);
+    if longest.len() > fit::MAX_NAME_LEN {
+        return Err(format!(
+            "name: with its array index, element {}'s name is {} characters, over the \
+             limit of {}; for an array of {count} use a name of at most {} characters",
+            count - 1,
+            longest.len(),
+            fit::MAX_NAME_LEN,
+            fit::MAX_NAME_LEN.saturating_sub(longest.len() - spec.name.len()),
+        ));
+    }
+    Ok(())
 }
 
 fn all_tasks(job: &Job, f: impl Fn(&TaskStatus) -> bool) -> bool {

@@ -21,6 +21,7 @@ mod security;
 mod tenants;
 mod usage;
 
+pub use apply::{array_element_name, validate_array, MAX_ARRAY};
 pub use security::{is_change, AuditEntry, Principal, TokenRecord, MAX_AUDIT};
 pub use tenants::{TenantPatch, TenantUse};
 pub use usage::NodeUsage;

@@ -555,3 +555,47 @@ fn job_arrays_are_all_or_nothing_and_idempotent() {
     ));
     assert_eq!(w.s.digest(), before);
 }
+
+/// Issue 11 #9: an array whose later elements' names (`name[10]`, ...) are
+/// over the name limit was accepted, those elements silently dropped, and
+/// the submitter told the full count. The whole array is refused, naming
+/// the field, and nothing is created.
+#[test]
+fn an_array_whose_element_names_are_too_long_is_refused_whole() {
+    let mut w = World::new(&[("a", 8)]);
+    let before = w.s.digest();
+    let sp = JobSpec {
+        // `name[9]` is exactly at the limit, `name[10]` one over.
+        name: "n".repeat(crate::planner::fit::MAX_NAME_LEN - 3),
+        ..spec(1, 1)
+    };
+    assert!(validate_array(&sp, 10).is_ok());
+    let r = w.cmd(Command::SubmitArray {
+        spec: sp.clone(),
+        user: "u".into(),
+        at_ms: 1,
+        request_id: None,
+        count: 12,
+    });
+    match r {
+        ApplyResult::Rejected(msg) => {
+            assert!(msg.starts_with("name: "), "{msg}");
+            assert!(msg.contains("element 11"), "{msg}");
+            assert!(msg.contains("at most 124 characters"), "{msg}");
+        }
+        other => panic!("accepted: {other:?}"),
+    }
+    assert_eq!(w.s.digest(), before, "nothing partially applied");
+    assert!(w.s.jobs.is_empty());
+    // At the limit, every element is created.
+    let r = w.cmd(Command::SubmitArray {
+        spec: sp,
+        user: "u".into(),
+        at_ms: 1,
+        request_id: None,
+        count: 10,
+    });
+    assert_eq!(r, ApplyResult::Submitted(JobId(1)));
+    assert_eq!(w.s.jobs.len(), 10);
+    assert_eq!(w.s.pending.len(), 10);
+}
