@@ -44,10 +44,19 @@ fn settings(voters: &[u64]) -> RaftSettings {
 }
 
 fn harness(voters: &[u64]) -> Harness {
+    harness_with(voters, BTreeMap::new())
+}
+
+/// A harness whose member 1 knows these peer addresses (for forwarding).
+fn harness_with(voters: &[u64], peers: BTreeMap<u64, String>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (tap_tx, tap) = mpsc::unbounded_channel();
-    let (handle, inbound, task) = start_with(settings(voters), dir.path(), stop_rx, {
+    let settings = RaftSettings {
+        peers,
+        ..settings(voters)
+    };
+    let (handle, inbound, task) = start_with(settings, dir.path(), stop_rx, {
         move |id, book, feedback| Transport::tapped(id, book, feedback, tap_tx)
     })
     .unwrap();
@@ -225,9 +234,65 @@ async fn elect_member_1(h: &mut Harness) {
     .await;
 }
 
+/// Member 2's side of forwarding, for the test: every forwarded command is
+/// handed to the test (which proposes it on member 2) and never answered.
+struct ForwardSink(mpsc::UnboundedSender<Vec<u8>>);
+
+#[tonic::async_trait]
+impl muster_proto::raft_peer_server::RaftPeer for ForwardSink {
+    async fn send(
+        &self,
+        _: tonic::Request<tonic::Streaming<muster_proto::RaftEnvelope>>,
+    ) -> Result<tonic::Response<muster_proto::PeerAck>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    type ForwardStream =
+        tokio_stream::wrappers::ReceiverStream<Result<muster_proto::ForwardAnswers, tonic::Status>>;
+
+    async fn forward(
+        &self,
+        req: tonic::Request<tonic::Streaming<muster_proto::ForwardBatch>>,
+    ) -> Result<tonic::Response<Self::ForwardStream>, tonic::Status> {
+        let mut batches = req.into_inner();
+        let sink = self.0.clone();
+        let (answers, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let _keep_open = answers;
+            while let Ok(Some(b)) = batches.message().await {
+                for p in b.proposals {
+                    let _ = sink.send(p.command);
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+/// Serve [`ForwardSink`] on a loopback port; returns its address and what
+/// it receives.
+async fn forward_sink() -> (String, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(muster_proto::raft_peer_server::RaftPeerServer::new(
+                ForwardSink(tx),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, rx)
+}
+
 #[tokio::test]
 async fn a_proposal_appended_by_a_deposed_leader_is_reported_unknown_and_applied_once() {
-    let mut h = harness(&[1, 2, 3]);
+    // Member 1 can forward to member 2: whatever it forwards, member 2
+    // proposes, as the real peer service would.
+    let (addr2, mut forwarded) = forward_sink().await;
+    let mut h = harness_with(&[1, 2, 3], BTreeMap::from([(2, addr2)]));
     elect_member_1(&mut h).await;
     // Member 1's append reaches member 2 only, and nothing gets back to 1:
     // the entry is in two logs but member 1 cannot know it committed.
@@ -248,27 +313,31 @@ async fn a_proposal_appended_by_a_deposed_leader_is_reported_unknown_and_applied
     h.cut.clear();
     h.until("member 1 follows member 2", |h| h.status().leader == 2)
         .await;
-    let answer = tokio::time::timeout(Duration::from_secs(1), proposal)
-        .await
-        .expect("the proposer is answered at once")
-        .unwrap();
-    match answer {
-        Err(ProposeError::OutcomeUnknown(why)) => assert!(why.contains("lost the leadership")),
-        other => panic!("expected OutcomeUnknown (the proposal must not go to the new leader again), got {other:?}"),
+    // Whatever member 1 forwards reaches member 2's log.
+    for _ in 0..40 {
+        h.round().await;
+        while let Ok(data) = forwarded.try_recv() {
+            let _ = h.peers.get_mut(&2).unwrap().node.propose(vec![], data);
+        }
     }
-    let e = ProposeError::OutcomeUnknown("x".into()).to_string();
-    assert!(e.contains("outcome unknown") && e.contains("same idempotency key"));
     h.until("member 1 caught up", |h| {
         h.status().applied >= h.peers[&2].node.raft.raft_log.committed
     })
     .await;
-    for _ in 0..20 {
-        h.round().await;
-    }
-    assert_eq!(jobs_named(&h.handle.state(), "once"), 1);
+    assert_eq!(jobs_named(&h.handle.state(), "once"), 1, "applied twice");
     for p in h.peers.values() {
-        assert_eq!(jobs_named(&p.state, "once"), 1);
+        assert_eq!(jobs_named(&p.state, "once"), 1, "applied twice");
     }
+    let answer = tokio::time::timeout(Duration::from_secs(1), proposal)
+        .await
+        .expect("the proposer is answered")
+        .unwrap();
+    match answer {
+        Err(ProposeError::OutcomeUnknown(why)) => assert!(why.contains("lost the leadership")),
+        other => panic!("expected OutcomeUnknown, got {other:?}"),
+    }
+    let e = ProposeError::OutcomeUnknown("x".into()).to_string();
+    assert!(e.contains("outcome unknown") && e.contains("same idempotency key"));
 }
 
 #[tokio::test]
