@@ -9,7 +9,7 @@
 
 use nix::unistd::{Gid, Uid, User};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A resolved user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,22 @@ pub fn resolve(user: &str, allow_root: bool) -> Result<Who, String> {
     })
 }
 
+/// The system directories, then the one holding the agent (and, as
+/// installed, `muster`), so that `muster checkpoint done` works in a task
+/// wherever the daemons were installed (`target/release` under `muster dev`).
+fn default_path() -> String {
+    let system = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    match own {
+        Some(dir) if !system.split(':').any(|d| Path::new(d) == dir) => {
+            format!("{system}:{}", dir.display())
+        }
+        _ => system.to_string(),
+    }
+}
+
 /// The login-like variables every task gets unless the job set them.
 pub fn base_env(env: &mut BTreeMap<String, String>, who: &Who) {
     let defaults = [
@@ -70,10 +86,7 @@ pub fn base_env(env: &mut BTreeMap<String, String>, who: &Who) {
         ("LOGNAME", who.name.clone()),
         ("HOME", who.home.to_string_lossy().into_owned()),
         ("SHELL", who.shell.to_string_lossy().into_owned()),
-        (
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ),
+        ("PATH", default_path()),
     ];
     for (k, v) in defaults {
         env.entry(k.to_string()).or_insert(v);
@@ -83,6 +96,28 @@ pub fn base_env(env: &mut BTreeMap<String, String>, who: &Who) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_find_muster_beside_the_agent() {
+        let me = resolve(&current_name(), true).expect("me");
+        let mut env = BTreeMap::new();
+        base_env(&mut env, &me);
+        let exe_dir = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        assert!(
+            env["PATH"].split(':').any(|d| Path::new(d) == exe_dir),
+            "{}",
+            env["PATH"]
+        );
+        assert!(env["PATH"].starts_with("/usr/local/sbin:"), "system first");
+    }
+
+    fn current_name() -> String {
+        User::from_uid(Uid::effective()).unwrap().unwrap().name
+    }
 
     #[test]
     fn unknown_user_is_named() {

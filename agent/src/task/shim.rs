@@ -232,7 +232,7 @@ fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
     setup_child(&mut cmd, raw_procs, identity, workdir);
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+        .map_err(|e| spawn_error(program, &spec.workdir, &e))?;
     drop(procs);
     // Threads only from here on: the fork is behind us.
     let (drained_tx, drained) = std::sync::mpsc::channel();
@@ -274,6 +274,28 @@ fn spawn_and_wait(spec: &ShimSpec) -> Result<ExitRecord, String> {
     })
 }
 
+/// Why the task did not start, naming what is at fault: the child's
+/// `chdir` and `execve` failures look alike (both ENOENT or EACCES), so a
+/// missing or closed working directory is told apart by looking at it.
+fn spawn_error(program: &str, workdir: &std::path::Path, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match std::fs::metadata(workdir) {
+        Err(w) if w.kind() == ErrorKind::NotFound => format!(
+            "cannot start {program:?}: the working directory {} does not exist (--workdir)",
+            workdir.display()
+        ),
+        Ok(m) if !m.is_dir() => format!(
+            "cannot start {program:?}: the working directory {} is not a directory (--workdir)",
+            workdir.display()
+        ),
+        _ if e.kind() == ErrorKind::PermissionDenied => format!(
+            "cannot start {program:?}: permission denied (to the program, or to the working directory {})",
+            workdir.display()
+        ),
+        _ => format!("cannot start {program:?}: {e}"),
+    }
+}
+
 struct Identity {
     uid: Option<u32>,
     gid: Option<u32>,
@@ -305,5 +327,23 @@ fn setup_child(cmd: &mut std::process::Command, procs: Vec<i32>, id: Identity, w
             nix::unistd::chdir(workdir.as_c_str()).map_err(std::io::Error::from)?;
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_workdir_is_named() {
+        let e = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let m = spawn_error("sh", std::path::Path::new("/no/such/run"), &e);
+        assert!(
+            m.contains("working directory /no/such/run does not exist"),
+            "{m}"
+        );
+        let m = spawn_error("nope", std::path::Path::new("/"), &e);
+        assert!(m.starts_with("cannot start \"nope\": "), "{m}");
+        assert!(!m.contains("working directory"), "{m}");
     }
 }

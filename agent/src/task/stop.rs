@@ -83,15 +83,21 @@ impl Runtime {
         let _ = tokio::task::spawn_blocking(move || rt.signal(pid, cgroup.as_deref(), sig)).await;
     }
 
+    /// Each process of the task gets `sig` once: through its cgroup, which
+    /// holds every process the task made (also those that left its process
+    /// group); only without a cgroup (or if signalling it failed) through
+    /// the process group the task leads. Both at once delivered the stop
+    /// signal twice to many tasks, and a handler ran twice.
     fn signal(&self, pid: Option<u32>, cgroup: Option<&str>, sig: Signal) {
+        if let (Some(cg), Some(name)) = (&self.cgroups, cgroup) {
+            match cg.kill_all(name, sig) {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(cgroup = name, "signal {sig} failed: {e}"),
+            }
+        }
         if let Some(pid) = pid {
             // The task leads its own session: signal the whole group.
             let _ = signal::killpg(Pid::from_raw(pid as i32), sig);
-        }
-        if let (Some(cg), Some(name)) = (&self.cgroups, cgroup) {
-            if let Err(e) = cg.kill_all(name, sig) {
-                tracing::warn!(cgroup = name, "signal {sig} failed: {e}");
-            }
         }
     }
 
