@@ -129,6 +129,14 @@ pub struct LimitsConfig {
     /// How many submissions a user may make at once before the rate applies.
     #[serde(default = "default_submit_burst")]
     pub submit_burst: u32,
+    /// The longest time limit (`muster submit --time`) a job may ask for;
+    /// a longer one is refused, naming the field `time`.
+    #[serde(default = "default_max_time_limit", with = "humantime_serde")]
+    pub max_time_limit: Duration,
+}
+
+fn default_max_time_limit() -> Duration {
+    Duration::from_secs(365 * 24 * 3600)
 }
 
 fn default_submits_per_second() -> f64 {
@@ -143,6 +151,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             submits_per_second: default_submits_per_second(),
             submit_burst: default_submit_burst(),
+            max_time_limit: default_max_time_limit(),
         }
     }
 }
@@ -233,6 +242,13 @@ impl SchedulerConfig {
         }
         if self.limits.submit_burst == 0 {
             return Err("key `limits.submit_burst`: must be at least 1".into());
+        }
+        let max_time = self.limits.max_time_limit.as_secs();
+        if max_time == 0 || max_time > crate::model::MAX_TIME_LIMIT_SECS {
+            return Err(format!(
+                "key `limits.max_time_limit`: must be from 1s to {}s (about a century)",
+                crate::model::MAX_TIME_LIMIT_SECS
+            ));
         }
         for u in &self.cluster_admins {
             crate::auth::roles::check_user_name(u)
@@ -326,5 +342,18 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/scheduler.toml");
         let cfg = SchedulerConfig::load(&p).unwrap();
         assert_eq!(cfg.listen.port(), DEFAULT_PORT);
+        assert_eq!(cfg.limits.max_time_limit, default_max_time_limit());
+    }
+
+    #[test]
+    fn max_time_limit_is_bounded() {
+        let p = Path::new("t.toml");
+        let cfg = SchedulerConfig::parse("[limits]\nmax_time_limit = \"2days\"\n", p).unwrap();
+        assert_eq!(cfg.limits.max_time_limit, Duration::from_secs(2 * 86_400));
+        for bad in ["0s", "1000years"] {
+            let text = format!("[limits]\nmax_time_limit = \"{bad}\"\n");
+            let e = SchedulerConfig::parse(&text, p).unwrap_err().to_string();
+            assert!(e.contains("limits.max_time_limit"), "{e}");
+        }
     }
 }

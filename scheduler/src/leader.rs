@@ -152,13 +152,14 @@ fn due_commands(ctx: &Ctx, lease: Duration) -> Vec<Command> {
         }
     }
     for job in state.jobs.values().filter(|j| j.state == JobState::Running) {
-        if let Some(limit) = job.spec.time_limit_secs {
-            if now >= job.started_at_ms + (limit as i64) * 1000 {
-                cmds.push(Command::TimeOut {
-                    job: job.id,
-                    at_ms: now,
-                });
-            }
+        // Saturating, and the same deadline `apply` checks: a huge limit
+        // never looks past (a wrapped sum proposed a refused time-out
+        // every pass).
+        if job.deadline_ms().is_some_and(|d| now >= d) {
+            cmds.push(Command::TimeOut {
+                job: job.id,
+                at_ms: now,
+            });
         }
     }
     cmds

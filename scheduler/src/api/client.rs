@@ -98,6 +98,8 @@ impl Muster for ClientApi {
             .scheduling
             .check_class(&spec.priority)
             .map_err(Status::invalid_argument)?;
+        let max_time = self.ctx.cfg.limits.max_time_limit.as_secs();
+        crate::model::check_time_limit(&spec, max_time).map_err(Status::invalid_argument)?;
         if req.request_id.len() > 128 {
             return Err(Status::invalid_argument(
                 "request_id: longer than 128 characters",

@@ -445,6 +445,7 @@ mod tests {
             limits: crate::config::LimitsConfig {
                 submits_per_second: 0.001,
                 submit_burst: 1,
+                ..Default::default()
             },
             ..Default::default()
         });

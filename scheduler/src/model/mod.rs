@@ -253,6 +253,40 @@ impl Job {
     pub fn total_gpus(&self) -> u32 {
         self.spec.tasks.saturating_mul(self.spec.per_task.gpus)
     }
+
+    /// When the job's time limit runs out (ms), if it has one: the one
+    /// definition the leader (to propose a time-out) and `apply` (to accept
+    /// it) share, so they cannot disagree.
+    pub fn deadline_ms(&self) -> Option<i64> {
+        let limit = self.spec.time_limit_secs?;
+        Some(self.started_at_ms.saturating_add(limit_ms(limit)))
+    }
+}
+
+/// The longest time limit any job may have, whatever the configuration
+/// says (about a century): far inside what millisecond times can hold.
+pub const MAX_TIME_LIMIT_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// A time limit in milliseconds, saturating (never wrapping to the past,
+/// however large the limit a spec or an old log entry carries).
+pub fn limit_ms(limit_secs: u64) -> i64 {
+    i64::try_from(limit_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000)
+}
+
+/// Check a job's time limit against `max_secs` (the configured
+/// `limits.max_time_limit`, itself at most [`MAX_TIME_LIMIT_SECS`]).
+/// The error names the field, `time`.
+pub fn check_time_limit(spec: &JobSpec, max_secs: u64) -> Result<(), String> {
+    let max = max_secs.min(MAX_TIME_LIMIT_SECS);
+    match spec.time_limit_secs {
+        Some(0) => Err("time: the time limit must be greater than 0".into()),
+        Some(t) if t > max => Err(format!(
+            "time: a time limit of {t}s is longer than the cluster's maximum of {max}s"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// One GPU as the scheduler knows it.

@@ -32,7 +32,7 @@ pub struct Timeline {
 /// When a job that starts now would end.
 pub fn end_of(now_ms: i64, limit_secs: Option<u64>) -> i64 {
     match limit_secs {
-        Some(s) => now_ms.saturating_add((s as i64).saturating_mul(1000)),
+        Some(s) => now_ms.saturating_add(crate::model::limit_ms(s)),
         None => FOREVER,
     }
 }

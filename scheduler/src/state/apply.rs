@@ -154,6 +154,9 @@ impl State {
             ..spec.clone()
         };
         fit::validate_spec(self, &spec)?;
+        // The configured maximum is checked before proposing (the API);
+        // here the hard one, so no accepted limit can overflow a deadline.
+        crate::model::check_time_limit(&spec, crate::model::MAX_TIME_LIMIT_SECS)?;
         Ok(spec)
     }
 
@@ -392,12 +395,9 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return ApplyResult::NotFound(format!("job {id} not found"));
         };
-        let Some(limit) = job.spec.time_limit_secs else {
+        let (Some(limit), Some(deadline)) = (job.spec.time_limit_secs, job.deadline_ms()) else {
             return ApplyResult::Rejected(format!("job {id} has no time limit"));
         };
-        let deadline = job
-            .started_at_ms
-            .saturating_add((limit as i64).saturating_mul(1000));
         if job.state != JobState::Running || at_ms < deadline {
             return ApplyResult::Rejected(format!("job {id} is not past its time limit"));
         }

@@ -599,3 +599,55 @@ fn an_array_whose_element_names_are_too_long_is_refused_whole() {
     assert_eq!(w.s.jobs.len(), 10);
     assert_eq!(w.s.pending.len(), 10);
 }
+
+/// Issue 18 #12: a huge time limit wrapped the deadline arithmetic (the
+/// leader proposed a time-out apply refused, every pass; `apply` read
+/// `u64::MAX` seconds as -1 and timed the job out at once). Limits past the
+/// maximum are refused naming `time`; deadlines saturate everywhere.
+#[test]
+fn huge_time_limits_are_refused_and_deadlines_saturate() {
+    let mut w = World::new(&[("a", 4)]);
+    for t in [u64::MAX, 1 << 62, crate::model::MAX_TIME_LIMIT_SECS + 1] {
+        let r = w.cmd(Command::Submit {
+            request_id: None,
+            spec: JobSpec {
+                time_limit_secs: Some(t),
+                ..spec(1, 1)
+            },
+            user: "u".into(),
+            at_ms: 1,
+        });
+        match r {
+            ApplyResult::Rejected(msg) => assert!(msg.starts_with("time: "), "{msg}"),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+    assert!(w.s.jobs.is_empty());
+    // The configured maximum (checked before proposing).
+    let week = JobSpec {
+        time_limit_secs: Some(7 * 86_400),
+        ..spec(1, 1)
+    };
+    assert!(crate::model::check_time_limit(&week, 7 * 86_400).is_ok());
+    let e = crate::model::check_time_limit(&week, 86_400).unwrap_err();
+    assert!(e.starts_with("time: ") && e.contains("86400s"), "{e}");
+    // A job that carries a huge limit anyway (written before the check):
+    // its deadline is the end of time, not the past.
+    let id = w.submit_limited(1, 1, Some(60));
+    w.schedule();
+    w.start_all(id);
+    for t in [u64::MAX, 1 << 62] {
+        w.s.jobs.get_mut(&id).unwrap().spec.time_limit_secs = Some(t);
+        assert_eq!(w.s.jobs[&id].deadline_ms(), Some(i64::MAX));
+        let r = w.cmd(Command::TimeOut {
+            job: id,
+            at_ms: w.now,
+        });
+        assert!(matches!(r, ApplyResult::Rejected(_)), "{r:?}");
+        assert_eq!(w.state(id), JobState::Running);
+    }
+    assert_eq!(
+        crate::planner::backfill::end_of(5, Some(u64::MAX)),
+        i64::MAX
+    );
+}
