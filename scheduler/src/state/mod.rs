@@ -16,6 +16,7 @@
 //! gang, so a stale plan can never over-commit a GPU or a quota.
 
 mod apply;
+mod decay;
 mod lifecycle;
 mod security;
 mod tenants;

@@ -275,12 +275,9 @@ impl State {
         if at_ms <= self.usage_at_ms {
             return ApplyResult::Applied;
         }
-        let dt = (at_ms - self.usage_at_ms) as f64 / 1000.0;
-        let factor = if half_life_secs == 0 {
-            1.0
-        } else {
-            0.5f64.powf(dt / half_life_secs as f64)
-        };
+        // In integers, not `powf`: see `decay.rs`.
+        let elapsed = u64::try_from(at_ms.saturating_sub(self.usage_at_ms)).unwrap_or(0);
+        let factor = super::decay::decay_factor(elapsed, half_life_secs);
         for v in self.fair_usage.values_mut() {
             *v *= factor;
         }
