@@ -304,6 +304,15 @@ pub fn status_error(status: &Status, addr: &str, what: &str, subject: Option<&st
         | Code::OutOfRange => ClientError::Rejected(non_empty(message, || {
             format!("{what} rejected: {}", code_name(status.code()))
         })),
+        Code::Unknown if message.starts_with("outcome unknown") => ClientError::OutcomeUnknown {
+            what: what.to_string(),
+            reason: message
+                .trim_start_matches("outcome unknown")
+                .trim_start_matches(':')
+                .trim()
+                .to_string(),
+            retry: "check whether it took effect (muster show, queue, tenant list) before running it again".to_string(),
+        },
         Code::Unavailable => ClientError::SchedulerUnreachable {
             addr: addr.to_string(),
             reason: non_empty(message, || "unavailable".to_string()),

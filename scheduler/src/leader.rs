@@ -1,4 +1,5 @@
-//! The leader's loops: planning, agent leases and time limits.
+//! The leader's loops: planning, agent leases, time limits, and the
+//! quorum's confirmation of this leadership that agent leases depend on.
 //!
 //! Each loop does its work only while this node is the Raft leader, reads the
 //! applied state, and changes it only by proposing commands. The planner runs
@@ -94,6 +95,43 @@ async fn plan_once(ctx: &Ctx, term: u64) {
 
 /// Mark nodes lost when their lease expires, and time out jobs past their
 /// limit. Runs until shutdown.
+/// On the leader, have a quorum confirm the leadership once every Raft
+/// heartbeat (a read barrier: a quorum round trip), and record when the
+/// confirming read was asked. Agent leases are renewed only inside the
+/// window this buys ([`Ctx::leadership_confirmed`]): a leader whose driver
+/// stalls (a disk that does not return) or that lost its quorum stops
+/// renewing them, so its agents freeze their tasks and look for the new
+/// leader before that leader can run their gangs elsewhere.
+pub async fn confirm_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let every = ctx
+        .cfg
+        .raft_tick
+        .saturating_mul(ctx.cfg.heartbeat_ticks.max(1) as u32);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let (leader, term) = {
+            let st = ctx.raft.status().borrow().clone();
+            (st.is_leader, st.term)
+        };
+        if !leader {
+            *ctx.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            continue;
+        }
+        let asked = Instant::now();
+        let ok = tokio::select! {
+            r = ctx.raft.read_barrier() => r.is_ok(),
+            _ = shutdown.changed() => return,
+        };
+        let st = ctx.raft.status().borrow().clone();
+        if ok && st.is_leader && st.term == term {
+            *ctx.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some((term, asked));
+        }
+    }
+}
+
 pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let lease = ctx.cfg.agent_lease;
     let mut was_leader = false;

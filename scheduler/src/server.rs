@@ -154,6 +154,7 @@ pub async fn run(
     let peer = PeerService::new(handle, inbound, ctx.clone());
     let auditor = tokio::spawn(crate::auth::audit_loop(ctx.clone(), stop_rx.clone()));
     let planner = tokio::spawn(crate::leader::plan_loop(ctx.clone(), stop_rx.clone()));
+    let confirmer = tokio::spawn(crate::leader::confirm_loop(ctx.clone(), stop_rx.clone()));
     let keeper = tokio::spawn(crate::leader::housekeeping_loop(
         ctx.clone(),
         stop_rx.clone(),
@@ -222,7 +223,7 @@ pub async fn run(
     };
     let raft_end = match raft_end {
         Some(r) => r,
-        None => tokio::join!(planner, keeper, auditor, raft_task).3,
+        None => tokio::join!(planner, keeper, confirmer, auditor, raft_task).4,
     };
     tracing::info!("scheduler stopped");
     if let Ok(Err(e)) = raft_end {

@@ -159,7 +159,7 @@ impl AdminService {
             .raft
             .change_peers(change)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| super::propose_status(&e))?;
         Ok(Response::new(pb::ChangePeersResponse {
             members: self.members(),
         }))

@@ -178,7 +178,13 @@ async fn run_session(
                 Some(Ok(m)) => {
                     ctx.touch(&node);
                     if let Some(pb::agent_message::Kind::Heartbeat(hb)) = &m.kind {
-                        // The ack tells the agent its lease was renewed (self-fencing).
+                        // The ack tells the agent its lease was renewed
+                        // (self-fencing): only under a leadership a quorum
+                        // confirmed lately, never on this node's belief.
+                        if !ctx.leadership_confirmed(status.borrow().term) {
+                            tracing::debug!(%node, "heartbeat not acknowledged: leadership not confirmed by a quorum lately");
+                            continue;
+                        }
                         let ack = pb::SchedulerMessage {
                             kind: Some(pb::scheduler_message::Kind::HeartbeatAck(
                                 pb::HeartbeatAck { seq: hb.seq },

@@ -49,6 +49,10 @@ pub struct Ctx {
     pub leases: Mutex<HashMap<String, Instant>>,
     /// Authentication, the submission rate limit and the audit queue.
     pub auth: crate::auth::Auth,
+    /// When a quorum last confirmed this node's leadership: the term and
+    /// the time the confirming read was asked (leader memory only; see
+    /// [`Ctx::leadership_confirmed`]).
+    pub confirmed: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Ctx {
@@ -60,7 +64,25 @@ impl Ctx {
             cfg,
             verdicts: RwLock::new(BTreeMap::new()),
             leases: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(None),
         })
+    }
+
+    /// Whether this node may still act as the leader of `term` towards
+    /// agents (renew their leases). A quorum confirmed it by answering a
+    /// read asked at time T; with check-quorum, those members refuse to
+    /// elect anyone else until an election timeout after they heard from
+    /// us (after T). So the answer is yes until T + the election timeout,
+    /// less a tick for clock granularity. A stalled or deposed leader stops
+    /// renewing leases within that window, before a new leader can judge
+    /// the nodes lost.
+    pub fn leadership_confirmed(&self, term: u64) -> bool {
+        let window = self
+            .cfg
+            .raft_tick
+            .saturating_mul(self.cfg.election_ticks.saturating_sub(1) as u32);
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        confirmed_within(confirmed, term, window, Instant::now())
     }
 
     /// Propose and map failures to gRPC statuses.
@@ -70,8 +92,7 @@ impl Ctx {
             Ok(ApplyResult::NotFound(msg)) => Err(Status::not_found(msg)),
             Ok(ApplyResult::Denied(msg)) => Err(Status::permission_denied(msg)),
             Ok(r) => Ok(r),
-            Err(e @ ProposeError::NotLeader { .. }) => Err(Status::unavailable(e.to_string())),
-            Err(e) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(propose_status(&e)),
         }
     }
 
@@ -167,3 +188,84 @@ pub const STALE_READ_HEADER: &str = "muster-read";
 
 /// Milliseconds since the Unix epoch (stamped into commands by the leader).
 pub use muster_proto::daemon::now_ms;
+
+/// Whether a confirmation (term, time its read was asked) still covers
+/// `term` at `now`, given the followers' election timeout `window`.
+fn confirmed_within(
+    confirmed: Option<(u64, Instant)>,
+    term: u64,
+    window: std::time::Duration,
+    now: Instant,
+) -> bool {
+    confirmed.is_some_and(|(t, at)| t == term && now.saturating_duration_since(at) < window)
+}
+
+/// A proposal that failed, as the caller must understand it: `Unavailable`
+/// when it was never appended (no leader, the driver stopped: safe to send
+/// again), `Unknown` with a message beginning "outcome unknown" when it may
+/// still be applied (appended by a leader that then lost leadership, not
+/// committed in time, the forward to the leader broke: retry only with the
+/// same idempotency key), `FailedPrecondition` for a membership change while
+/// another is in progress.
+pub fn propose_status(e: &ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { .. } | ProposeError::Stopped | ProposeError::Raft(_) => {
+            Status::unavailable(e.to_string())
+        }
+        ProposeError::ChangeInProgress => Status::failed_precondition(e.to_string()),
+        ProposeError::OutcomeUnknown(_) => Status::unknown(e.to_string()),
+        ProposeError::Timeout(_) | ProposeError::Forward { .. } => Status::unknown(format!(
+            "{}: {e}; it may still be applied: retry with the same idempotency key",
+            crate::raft::OUTCOME_UNKNOWN
+        )),
+    }
+}
+
+#[cfg(test)]
+mod propose_status_tests {
+    use super::*;
+    use std::time::Duration;
+    use tonic::Code;
+
+    #[test]
+    fn leases_are_renewed_only_inside_a_confirmed_window_of_the_same_term() {
+        let t0 = Instant::now();
+        let w = Duration::from_millis(900);
+        assert!(!confirmed_within(None, 3, w, t0), "never confirmed");
+        assert!(confirmed_within(
+            Some((3, t0)),
+            3,
+            w,
+            t0 + Duration::from_millis(899)
+        ));
+        assert!(
+            !confirmed_within(Some((3, t0)), 3, w, t0 + w),
+            "window over"
+        );
+        assert!(!confirmed_within(Some((2, t0)), 3, w, t0), "an older term");
+    }
+
+    #[test]
+    fn the_caller_is_told_whether_a_write_may_have_happened() {
+        let never = propose_status(&ProposeError::NotLeader { leader: None });
+        assert_eq!(never.code(), Code::Unavailable);
+        for maybe in [
+            ProposeError::OutcomeUnknown("leader changed".into()),
+            ProposeError::Timeout(std::time::Duration::from_secs(5)),
+            ProposeError::Forward {
+                leader: 2,
+                message: "reset".into(),
+            },
+        ] {
+            let s = propose_status(&maybe);
+            assert_eq!(s.code(), Code::Unknown, "{maybe}");
+            assert!(
+                s.message().starts_with("outcome unknown"),
+                "{}",
+                s.message()
+            );
+        }
+        let busy = propose_status(&ProposeError::ChangeInProgress);
+        assert_eq!(busy.code(), Code::FailedPrecondition);
+    }
+}

@@ -72,6 +72,20 @@ pub enum ProposeError {
     Forward { leader: u64, message: String },
 }
 
+/// Run blocking disk I/O from the driver: on a multi-threaded runtime
+/// through `block_in_place` (other tasks are moved off this worker while it
+/// waits on the disk), as is elsewhere (tests on a current-thread runtime).
+/// A stalled disk then stalls the driver alone; leases are not renewed
+/// without a leadership the quorum confirmed (`leader::confirm_loop`).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// How an [`ProposeError::OutcomeUnknown`] begins, also when it travels back
 /// from the leader to a follower as text (see `forward.rs`).
 pub const OUTCOME_UNKNOWN: &str = "outcome unknown";
@@ -603,7 +617,9 @@ impl Driver {
         if let Some(hs) = rd.hs() {
             self.storage.set_hard_state(hs)?;
         }
-        self.storage.flush()?;
+        // fsync: seconds on a sick disk. Tell tokio, so the other tasks on
+        // this worker (agent sessions, requests) move to another thread.
+        blocking(|| self.storage.flush())?;
         self.send(rd.take_persisted_messages());
         let mut light = self.node.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -775,7 +791,7 @@ impl Driver {
         let conf = self.node.raft.prs().conf().to_conf_state();
         self.storage
             .save_snapshot(self.applied, self.applied_term, &conf, &data)?;
-        self.storage.flush()?;
+        blocking(|| self.storage.flush())?;
         self.last_snapshot = self.applied;
         tracing::info!(
             index = self.applied,
