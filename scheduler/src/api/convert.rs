@@ -231,7 +231,8 @@ fn gpu_to_pb(g: &GpuRecord) -> pb::GpuInfo {
         minor: g.minor,
         pci_bus_id: g.pci_bus_id.clone(),
         numa_node: g.numa_node,
-        healthy: g.healthy,
+        // Usable: the agent reports it healthy and no fault is recorded.
+        healthy: g.usable(),
         allocated_to: 0,
         link_group: g.link_group,
         fault: g.fault.clone(),

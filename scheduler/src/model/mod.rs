@@ -299,14 +299,27 @@ pub struct GpuRecord {
     pub minor: u32,
     pub pci_bus_id: String,
     pub numa_node: i32,
+    /// Whether the agent's latest registration reports the GPU healthy.
+    /// Only the agent changes it; `muster node resume` never does.
     pub healthy: bool,
-    /// Why the scheduler marked it unhealthy (an XID, an ECC error, lost
-    /// from the bus); empty when healthy or when the agent reported it so.
+    /// A fault the scheduler recorded (an XID, an ECC error, lost from the
+    /// bus, reported as an event): kept across agent restarts until
+    /// `muster node resume` clears it. Empty when there is none.
     pub fault: String,
     /// GPUs of one node with the same group share the closest interconnect
     /// the agent found (an NVLink island, else a PCIe switch, else a NUMA
     /// node); the planner keeps a task's GPUs in one group when it can.
     pub link_group: u32,
+}
+
+impl GpuRecord {
+    /// Whether work may be placed on it: the agent reports it healthy and
+    /// no fault is recorded. Admin state (resume) and the agent's report
+    /// are kept apart, so resuming never marks healthy a GPU the agent
+    /// still reports unhealthy.
+    pub fn usable(&self) -> bool {
+        self.healthy && self.fault.is_empty()
+    }
 }
 
 /// Whether a node takes work.

@@ -128,7 +128,7 @@ pub fn validate_tenant_name(name: &str) -> Result<(), String> {
 pub fn free_gpus(node: &Node, usage: &NodeUsage) -> Vec<u32> {
     node.gpus
         .iter()
-        .filter(|g| g.healthy && !usage.gpus.contains_key(&g.index))
+        .filter(|g| g.usable() && !usage.gpus.contains_key(&g.index))
         .map(|g| g.index)
         .collect()
 }

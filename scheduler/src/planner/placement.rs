@@ -114,7 +114,7 @@ impl<'a> Cluster<'a> {
         for n in state.nodes.values().filter(|n| n.schedulable()) {
             let u = state.usage.get(&n.name);
             let mut free = 0u64;
-            for g in n.gpus.iter().filter(|g| g.healthy) {
+            for g in n.gpus.iter().filter(|g| g.usable()) {
                 let held = u.is_some_and(|u| u.gpus.contains_key(&g.index));
                 if (g.index as usize) < MAX_GPUS_PER_NODE && !held {
                     free |= 1 << g.index;

@@ -226,11 +226,9 @@ impl State {
                     .and_then(|n| n.gpus.iter().find(|o| o.uuid == g.uuid))
                     .map(|o| o.fault.clone())
                     .unwrap_or_default();
-                GpuRecord {
-                    healthy: g.healthy && fault.is_empty(),
-                    fault,
-                    ..g.clone()
-                }
+                // `healthy` is the agent's report as it is now; the
+                // recorded fault is kept apart (see `GpuRecord::usable`).
+                GpuRecord { fault, ..g.clone() }
             })
             .collect();
         self.nodes.insert(

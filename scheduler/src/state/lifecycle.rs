@@ -85,7 +85,8 @@ impl State {
         let Some(g) = n.gpus.iter_mut().find(|g| g.index == gpu) else {
             return ApplyResult::NotFound(format!("node {node} has no GPU {gpu}"));
         };
-        g.healthy = false;
+        // The agent's own report (`healthy`) is left as it is: resume
+        // clears this fault, and the report still decides.
         g.fault = reason.to_string();
         if drain && n.drain.is_none() {
             n.drain = Some(format!("GPU {gpu}: {reason}"));
@@ -115,8 +116,8 @@ impl State {
     }
 
     /// Drain (`Some(reason)`) or resume (`None`) a node. Resuming also clears
-    /// the GPU faults the scheduler recorded; a GPU the agent itself reports
-    /// unhealthy stays unhealthy.
+    /// the GPU faults the scheduler recorded, and nothing else: a GPU the
+    /// agent's latest registration reports unhealthy stays unusable.
     pub(super) fn drain_node(&mut self, name: &str, reason: Option<&str>) -> ApplyResult {
         let Some(n) = self.nodes.get_mut(name) else {
             return ApplyResult::NotFound(format!("node {name} not found"));
@@ -125,9 +126,8 @@ impl State {
             Some(r) => n.drain = Some(r.to_string()),
             None => {
                 n.drain = None;
-                for g in n.gpus.iter_mut().filter(|g| !g.fault.is_empty()) {
+                for g in n.gpus.iter_mut() {
                     g.fault.clear();
-                    g.healthy = true;
                 }
             }
         }

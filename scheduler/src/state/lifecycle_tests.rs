@@ -82,7 +82,7 @@ fn a_gpu_fault_requeues_its_job_onto_healthy_gpus_and_outlives_reregistration() 
         at_ms: w.now,
     });
     let g = &w.s.nodes["a"].gpus[bad as usize];
-    assert!(!g.healthy && g.fault.contains("XID 79"));
+    assert!(!g.usable() && g.fault.contains("XID 79"));
     w.schedule();
     let placed = &w.s.jobs[&j].alloc.as_ref().unwrap().tasks[0].placement.gpus;
     assert_eq!(placed, &vec![1 - bad], "only the healthy GPU is used");
@@ -91,7 +91,53 @@ fn a_gpu_fault_requeues_its_job_onto_healthy_gpus_and_outlives_reregistration() 
         name: "a".into(),
         reason: None,
     });
-    assert!(w.s.nodes["a"].gpus[bad as usize].healthy);
+    assert!(w.s.nodes["a"].gpus[bad as usize].usable());
+}
+
+/// Issue 11 #10: `muster node resume` marked healthy a GPU the agent still
+/// reported unhealthy (it cleared the fault and set `healthy`). Resume
+/// clears only what the scheduler recorded; the agent's latest report
+/// decides the rest.
+#[test]
+fn resume_never_marks_healthy_a_gpu_the_agent_reports_unhealthy() {
+    let mut w = World::new(&[("a", 2)]);
+    w.cmd(Command::GpuFailed {
+        node: "a".into(),
+        gpu: 0,
+        reason: "XID 48: double-bit ECC error".into(),
+        drain: true,
+        at_ms: w.now,
+    });
+    // The agent restarts and NVML still says GPU 0 is bad.
+    let mut reg = node("a", 2);
+    reg.gpus[0].healthy = false;
+    w.cmd(Command::RegisterNode {
+        node: reg,
+        running: vec![],
+        at_ms: w.now,
+    });
+    w.cmd(Command::DrainNode {
+        name: "a".into(),
+        reason: None,
+    });
+    let g = &w.s.nodes["a"].gpus[0];
+    assert!(g.fault.is_empty(), "resume clears the recorded fault");
+    assert!(!g.usable(), "the agent still reports it unhealthy");
+    assert!(w.s.nodes["a"].drain.is_none());
+    let j = w.submit(1, 2);
+    let plan = planner::plan(&w.s, &Policy::default(), w.now);
+    assert!(
+        plan.placements.is_empty(),
+        "one usable GPU, the job needs two"
+    );
+    // The agent reports it healthy again: usable, no resume needed.
+    w.cmd(Command::RegisterNode {
+        node: node("a", 2),
+        running: vec![],
+        at_ms: w.now,
+    });
+    assert!(w.s.nodes["a"].gpus[0].usable());
+    assert_eq!(w.schedule(), vec![j]);
 }
 
 #[test]

@@ -293,16 +293,19 @@ impl Sim {
             },
             Op::Register(n, mask) => {
                 let name = NODES[n].0;
+                // The top bit: the agent reports its first GPU unhealthy.
+                let mut reg = node(name, NODES[n].1);
+                reg.gpus[0].healthy = mask & 0x80 == 0;
                 let running = self
                     .live
                     .tasks_on_node(name)
                     .into_iter()
                     .enumerate()
-                    .filter(|(i, _)| mask & (1 << (i % 8)) != 0)
+                    .filter(|(i, _)| mask & (1 << (i % 7)) != 0)
                     .map(|(_, (k, _))| k)
                     .collect();
                 Command::RegisterNode {
-                    node: node(name, NODES[n].1),
+                    node: reg,
                     running,
                     at_ms: now,
                 }
