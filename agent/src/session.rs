@@ -308,7 +308,19 @@ async fn session(
     else {
         return Err(String::from("scheduler did not acknowledge the registration").into());
     };
-    fence.admit(reg.term);
+    if !fence.admit(reg.term) {
+        // A leader of an older term than one whose orders we followed has
+        // been deposed (it may not know yet): take nothing from it.
+        return Err(SessionError {
+            message: format!(
+                "the scheduler leads term {}, older than term {} whose orders this agent followed: it was deposed",
+                reg.term, fence.term
+            ),
+            leader: None,
+            answered: true,
+            registered: false,
+        });
+    }
     tracing::info!(scheduler = %addr, term = reg.term, "registered");
     let up: Result<(), SessionError> = async {
     for ev in runtime.replay_events() {
