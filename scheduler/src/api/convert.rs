@@ -74,6 +74,12 @@ pub fn redact(info: &mut pb::JobInfo) {
         t.agent_address.clear();
         t.message.clear();
     }
+    // A job's own reason (failed, requeued, ...) can quote its tasks' exit
+    // messages, which carry paths of the owner's command. A pending job's
+    // reason is the planner's (resources, quota, order): that one stays.
+    if info.state != pb::JobState::Pending as i32 {
+        info.reason.clear();
+    }
 }
 
 /// The model spec as protobuf.
@@ -348,5 +354,34 @@ mod tests {
             default_for: vec![],
         });
         assert!(borrowed(&w), "ml may reclaim it now");
+    }
+
+    /// Issue 18 #13: another user's failed job showed its failure reason,
+    /// which quotes the exit message and so paths of the owner's command.
+    #[test]
+    fn a_redacted_job_shows_no_failure_reason() {
+        let mut w = World::new(&[("n1", 8)]);
+        let failed = w.submit(1, 1);
+        let waiting = w.submit(1, 8);
+        w.schedule();
+        let key = w.key(failed, 0);
+        w.cmd(Command::TaskExited {
+            key,
+            exit: crate::model::ExitInfo {
+                message: "spawn failed: /home/alice/secret-project/run.sh: not found".into(),
+                ..Default::default()
+            },
+            at_ms: w.now,
+        });
+        let mut info = job_to_pb(&w.s, &w.s.jobs[&failed], None, 0);
+        assert!(info.reason.contains("/home/alice"), "{}", info.reason);
+        redact(&mut info);
+        assert!(info.redacted);
+        assert!(info.reason.is_empty(), "{}", info.reason);
+        assert!(info.tasks.iter().all(|t| t.message.is_empty()));
+        // The planner's reason for a pending job is no secret.
+        let mut info = job_to_pb(&w.s, &w.s.jobs[&waiting], Some("waiting for 8 GPUs"), 1);
+        redact(&mut info);
+        assert_eq!(info.reason, "waiting for 8 GPUs");
     }
 }
