@@ -107,6 +107,10 @@ impl Muster for ClientApi {
         }
         let request_id = Some(req.request_id).filter(|k| !k.is_empty());
         let count = req.array.max(1);
+        if count > 1 {
+            // Refused before it costs a log entry (apply checks it again).
+            crate::state::validate_array(&spec, count).map_err(Status::invalid_argument)?;
+        }
         // The job runs as whoever was authenticated, whatever `req.user` says.
         let user = who.name.clone();
         let cmd = if count > 1 {
