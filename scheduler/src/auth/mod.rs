@@ -77,11 +77,37 @@ pub struct Auth {
     audit_tx: mpsc::Sender<AuditEntry>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEntry>>>,
     limiter: Mutex<rate::RateLimiter>,
+    /// Refused requests' audit entries in the current window.
+    refusals: Mutex<Refusals>,
     /// Checkpoint reports, per task (`muster checkpoint done` from inside it).
     checkpoints: Mutex<rate::RateLimiter>,
     /// Account names of loopback callers' uids, looked up at most once a
     /// [`NAME_TTL`] (each lookup reads the password database).
     names: Mutex<HashMap<u32, (String, Instant)>>,
+}
+
+/// Audit entries of refused requests (unauthenticated, denied, rate-limited)
+/// written one by one per source (address and claimed user) per window, and
+/// for all sources together; the rest are counted and written as one summary
+/// per source when the window ends. Anyone can send refused requests: they
+/// must not flood the log or the trail.
+const REFUSALS_PER_SOURCE: u32 = 20;
+const REFUSALS_PER_WINDOW: u32 = 600;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+/// Sources tracked in one window; beyond, new sources share one count.
+const REFUSAL_SOURCES: usize = 10_000;
+
+/// Refusals seen in the current window, by (source address, claimed user).
+struct Refusals {
+    since: Instant,
+    total: u32,
+    by_source: HashMap<(String, String), SourceRefusals>,
+}
+
+struct SourceRefusals {
+    written: u32,
+    suppressed: u32,
+    last: Option<AuditEntry>,
 }
 
 /// Checkpoint reports one task may make per second, and at once: a real
@@ -107,6 +133,11 @@ impl Auth {
                 cfg.limits.submits_per_second,
                 cfg.limits.submit_burst,
             )),
+            refusals: Mutex::new(Refusals {
+                since: Instant::now(),
+                total: 0,
+                by_source: HashMap::new(),
+            }),
             checkpoints: Mutex::new(rate::RateLimiter::new(
                 CHECKPOINTS_PER_SECOND,
                 CHECKPOINT_BURST,
@@ -310,10 +341,86 @@ impl Auth {
             .map_err(|wait| Status::resource_exhausted(l.message(&who.name, wait)))
     }
 
-    /// Queue an entry for the audit trail (dropped, with a warning, if the queue is full).
+    /// Queue an entry for the audit trail (dropped, with a warning, if the
+    /// queue is full). A refusal beyond its source's share of the window is
+    /// only counted, for the window's summary.
     pub fn audit(&self, e: AuditEntry) {
+        let e = if crate::state::is_change(&e) {
+            e
+        } else {
+            match self.count_refusal(e, Instant::now()) {
+                Some(e) => e,
+                None => return,
+            }
+        };
+        self.enqueue(e);
+    }
+
+    fn enqueue(&self, e: AuditEntry) {
         if let Err(e) = self.audit_tx.try_send(e) {
             tracing::warn!(entry = ?e, "audit queue full; entry only logged here");
+        }
+    }
+
+    /// The refusal, if it is to be written one by one; else counted.
+    fn count_refusal(&self, e: AuditEntry, now: Instant) -> Option<AuditEntry> {
+        self.roll_refusals(now);
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = (source_ip(&e.from), e.who.clone());
+        if r.by_source.len() >= REFUSAL_SOURCES && !r.by_source.contains_key(&key) {
+            key = ("*".to_string(), "*".to_string());
+        }
+        let under_total = r.total < REFUSALS_PER_WINDOW;
+        let src = r.by_source.entry(key).or_insert(SourceRefusals {
+            written: 0,
+            suppressed: 0,
+            last: None,
+        });
+        if src.written < REFUSALS_PER_SOURCE && under_total {
+            src.written += 1;
+            r.total += 1;
+            return Some(e);
+        }
+        src.suppressed += 1;
+        tracing::debug!(entry = ?e, "refusal counted, not written one by one");
+        src.last = Some(e);
+        None
+    }
+
+    /// End the refusal window if it is over: queue one summary per source
+    /// whose refusals were only counted. [`audit_loop`] calls this on a tick.
+    pub fn roll_refusals(&self, now: Instant) {
+        let ended = {
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if now.saturating_duration_since(r.since) < REFUSAL_WINDOW {
+                return;
+            }
+            r.since = now;
+            r.total = 0;
+            std::mem::take(&mut r.by_source)
+        };
+        for ((ip, who), src) in ended {
+            let Some(last) = src.last.filter(|_| src.suppressed > 0) else {
+                continue;
+            };
+            let kind = last.outcome.split(':').next().unwrap_or("denied");
+            self.enqueue(AuditEntry {
+                at_ms: crate::api::now_ms(),
+                who,
+                via: last.via.clone(),
+                from: ip.clone(),
+                action: "refusals".into(),
+                target: last.action.clone(),
+                outcome: format!(
+                    "{kind}: {} more refused request(s) from {ip} in the last {}s, counted \
+                     here rather than one by one (last: {} {}: {})",
+                    src.suppressed,
+                    REFUSAL_WINDOW.as_secs(),
+                    last.action,
+                    last.target,
+                    last.outcome
+                ),
+            });
         }
     }
 
@@ -330,6 +437,14 @@ impl Auth {
 fn peer_cn<T>(req: &Request<T>) -> Option<String> {
     let certs = PeerInfo::peer_certs(req).or_else(|| req.peer_certs())?;
     muster_proto::tls::common_name(certs.first()?.as_ref())
+}
+
+/// The address part of a caller's `ip:port` (every connection of one host
+/// is one source).
+fn source_ip(from: &str) -> String {
+    from.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| from.to_string())
 }
 
 /// The caller's address, for the audit trail.
@@ -349,9 +464,14 @@ pub async fn audit_loop(
     let Some(mut rx) = ctx.auth.take_audit_queue() else {
         return;
     };
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         let first = tokio::select! {
             e = rx.recv() => match e { Some(e) => e, None => return },
+            _ = tick.tick() => {
+                ctx.auth.roll_refusals(Instant::now());
+                continue;
+            }
             _ = stop.changed() => return,
         };
         let mut entries = vec![first];

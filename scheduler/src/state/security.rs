@@ -89,6 +89,12 @@ impl AuditEntry {
     }
 }
 
+/// Whether an audit entry records a change that was applied (not a
+/// refusal: unauthenticated, denied, rejected).
+pub fn is_change(e: &AuditEntry) -> bool {
+    e.outcome.starts_with("applied")
+}
+
 /// The audit outcome of an apply result.
 pub fn outcome_of(r: &ApplyResult) -> String {
     match r {
@@ -122,11 +128,31 @@ impl State {
         r
     }
 
-    /// Append audit entries, forgetting the oldest past [`MAX_AUDIT`].
+    /// Append an audit entry; past [`MAX_AUDIT`], forget the oldest one, but
+    /// never an applied change to make room for a refusal: a flood of
+    /// refused requests (anyone can send them) must not push the record of
+    /// what was changed out of the trail. A refusal then displaces the oldest
+    /// refusal, or is itself forgotten when the trail holds only changes.
     pub(super) fn record(&mut self, e: AuditEntry) {
+        let refusal = !is_change(&e);
         self.audit.push_back(e);
-        while self.audit.len() > MAX_AUDIT {
+        if self.audit.len() <= MAX_AUDIT {
+            return;
+        }
+        let front_is_change = self.audit.front().is_some_and(is_change);
+        if !(refusal && front_is_change) {
             self.audit.pop_front();
+            return;
+        }
+        // Refusals reach the log at a bounded rate (see `crate::auth`), so
+        // this search runs at most that often.
+        match self.audit.iter().position(|e| !is_change(e)) {
+            Some(i) if i + 1 < self.audit.len() => {
+                self.audit.remove(i);
+            }
+            _ => {
+                self.audit.pop_back();
+            }
         }
     }
 
