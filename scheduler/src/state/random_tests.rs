@@ -386,6 +386,7 @@ fn check_invariants(s: &State) {
     assert_eq!(restored.active, s.active, "active");
     assert_eq!(restored.usage, s.usage, "node usage");
     assert_eq!(restored.tenant_use, s.tenant_use, "tenant use");
+    assert!(restored.to_snapshot() == s.to_snapshot(), "replicated part");
     assert_eq!(restored.digest(), s.digest(), "digest");
 
     let mut usage: BTreeMap<String, NodeUsage> = BTreeMap::new();
@@ -450,7 +451,12 @@ proptest! {
         for op in &ops {
             sim.step(op);
             check_invariants(&sim.live);
-            prop_assert_eq!(sim.live.digest(), sim.replica.digest(), "replica diverged at {:?}", op);
+            let (l, r) = (&sim.live, &sim.replica);
+            prop_assert_eq!(&l.usage, &r.usage, "replica's node usage diverged at {:?}", op);
+            prop_assert_eq!(&l.tenant_use, &r.tenant_use, "replica's tenant use diverged at {:?}", op);
+            prop_assert_eq!(&l.pending, &r.pending);
+            prop_assert_eq!(&l.active, &r.active);
+            prop_assert_eq!(l.digest(), r.digest(), "replica diverged at {:?}", op);
         }
     }
 }
