@@ -561,3 +561,53 @@ fn the_schedulers_data_folder_is_private() {
     c.submit(&["--", "true"]).expect("submit after restart");
     assert_eq!(not_private(&data), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------------
+// #7: unauthenticated requests rolled the audit trail.
+
+#[test]
+fn bad_token_floods_do_not_fill_the_audit_trail() {
+    let c = Cluster::start(ClusterSpec {
+        agents: 0,
+        ..ClusterSpec::default()
+    })
+    .expect("cluster");
+    c.ok(&["tenant", "create", "victim"])
+        .expect("the victim's change");
+    let bogus = c.path("bogus.token");
+    std::fs::write(&bogus, "mst_bogus_0000\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&bogus, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for _ in 0..60 {
+        let out = with(&c, &bogus, &["whoami"]);
+        assert!(!out.status.success());
+    }
+    // Wait for the refusals to be written, then count them.
+    let v = audited(&c, "a refused bad token", |e| {
+        e["outcome"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("unauthenticated"))
+    });
+    assert_eq!(v["who"], "?");
+    std::thread::sleep(Duration::from_secs(1));
+    let all = c.json(&["admin", "audit"]).expect("audit");
+    let entries = all["entries"].as_array().expect("entries");
+    let refused = entries
+        .iter()
+        .filter(|e| {
+            e["outcome"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("unauthenticated"))
+        })
+        .count();
+    assert!(
+        (1..=20).contains(&refused),
+        "{refused} refusals written one by one: {all:#}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| is(e, "root", "tenant-create", "applied") && e["target"] == "victim"),
+        "{all:#}"
+    );
+}

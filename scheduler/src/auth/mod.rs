@@ -609,6 +609,67 @@ mod tests {
             .is_ok());
     }
 
+    fn entry(from: &str, outcome: &str) -> AuditEntry {
+        AuditEntry {
+            at_ms: 1,
+            who: "?".into(),
+            via: "none".into(),
+            from: from.into(),
+            action: "whoami".into(),
+            target: String::new(),
+            outcome: outcome.into(),
+        }
+    }
+
+    /// Issue 18 #7: anyone could roll the audit trail with bad requests.
+    #[test]
+    fn refusals_are_counted_past_a_share_per_source() {
+        let a = auth();
+        let mut rx = a.take_audit_queue().unwrap();
+        let t0 = Instant::now();
+        for port in 0..100 {
+            let from = format!("10.0.0.1:{}", 1000 + port);
+            if let Some(e) = a.count_refusal(entry(&from, "unauthenticated: bad"), t0) {
+                a.enqueue(e);
+            }
+        }
+        // Another source, and applied changes, are not held back.
+        a.audit(entry("10.0.0.2:5", "denied: no"));
+        for _ in 0..30 {
+            a.audit(entry("10.0.0.1:1", "applied"));
+        }
+        let mut got = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            got.push(e);
+        }
+        let from_1 = |o: &str| {
+            got.iter()
+                .filter(|e| e.from.starts_with("10.0.0.1") && e.outcome.starts_with(o))
+                .count()
+        };
+        assert_eq!(from_1("unauthenticated"), REFUSALS_PER_SOURCE as usize);
+        assert_eq!(from_1("applied"), 30);
+        assert!(got.iter().any(|e| e.from == "10.0.0.2:5"));
+        // The window ends: one summary for what was only counted.
+        a.roll_refusals(t0 + REFUSAL_WINDOW);
+        let summary = rx.try_recv().unwrap();
+        assert_eq!(
+            (summary.from.as_str(), summary.action.as_str()),
+            ("10.0.0.1", "refusals")
+        );
+        assert!(
+            summary
+                .outcome
+                .starts_with("unauthenticated: 80 more refused request(s) from 10.0.0.1"),
+            "{}",
+            summary.outcome
+        );
+        assert!(rx.try_recv().is_err(), "one summary, for the one source");
+        // A new window: written one by one again.
+        let e = a.count_refusal(entry("10.0.0.1:9", "denied: x"), t0 + REFUSAL_WINDOW);
+        assert!(e.is_some());
+    }
+
     fn from_uid<T>(uid: u32, mut r: Request<T>) -> Request<T> {
         r.extensions_mut().insert(PeerInfo {
             remote: Some("127.0.0.1:40000".parse().unwrap()),

@@ -357,3 +357,37 @@ fn only_the_user_or_a_cluster_admin_sets_a_default_tenant() {
         "{r:?}"
     );
 }
+
+/// Issue 18 #7: refusals (which anyone can cause) never push applied
+/// changes out of the bounded trail.
+#[test]
+fn refusals_never_push_changes_out_of_the_audit_trail() {
+    let mut s = state();
+    let changes: Vec<AuditEntry> = s.audit.iter().cloned().collect();
+    assert!(!changes.is_empty() && changes.iter().all(crate::state::is_change));
+    let refusal = |i: usize| AuditEntry {
+        at_ms: i as i64,
+        who: "?".into(),
+        via: "none".into(),
+        from: "10.0.0.9:1".into(),
+        action: "whoami".into(),
+        target: String::new(),
+        outcome: format!("unauthenticated: bad token {i}"),
+    };
+    let total = crate::state::MAX_AUDIT + 1000;
+    for batch in (0..total).collect::<Vec<_>>().chunks(4096) {
+        let entries = batch.iter().map(|i| refusal(*i)).collect();
+        assert_eq!(s.apply(&Command::Audit { entries }), ApplyResult::Applied);
+    }
+    assert_eq!(s.audit.len(), crate::state::MAX_AUDIT);
+    let kept: Vec<&AuditEntry> = s.audit.iter().take(changes.len()).collect();
+    assert_eq!(kept, changes.iter().collect::<Vec<_>>());
+    // The newest refusals are the ones kept.
+    assert_eq!(s.audit.back(), Some(&refusal(total - 1)));
+    // Changes age out only as newer entries come: the oldest goes first.
+    let r = ap(&mut s, &who("alice", false), 9, &cancel(1));
+    assert_eq!(r, ApplyResult::Applied);
+    assert_eq!(s.audit.len(), crate::state::MAX_AUDIT);
+    assert_eq!(s.audit.front(), changes.get(1));
+    assert_eq!(s.audit.back().map(|e| e.action.as_str()), Some("cancel"));
+}

@@ -128,8 +128,9 @@ impl State {
         r
     }
 
-    /// Append an audit entry; past [`MAX_AUDIT`], forget the oldest one, but
-    /// never an applied change to make room for a refusal: a flood of
+    /// Append an audit entry; past [`MAX_AUDIT`], forget the oldest one (a
+    /// change ages out as newer entries come), but never an applied change
+    /// to make room for a refusal: a flood of
     /// refused requests (anyone can send them) must not push the record of
     /// what was changed out of the trail. A refusal then displaces the oldest
     /// refusal, or is itself forgotten when the trail holds only changes.
