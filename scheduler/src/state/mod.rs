@@ -14,6 +14,14 @@
 //! Plans are re-checked here against the state they land on with the same fit
 //! function the planner uses ([`crate::planner::fit`]), all or nothing per
 //! gang, so a stale plan can never over-commit a GPU or a quota.
+//!
+//! The derived indexes (`pending`, `active`, `usage`, `tenant_use`) are kept
+//! up to date incrementally, and must always equal what a restore from a
+//! snapshot rebuilds: otherwise a restarted replica would accept a plan its
+//! peers refuse. So a task gives its resources back in exactly one place
+//! (`end_task`, which does nothing for a task that no longer holds them),
+//! the indexes hold no empty entries, [`State::digest`] covers them, and
+//! `random_tests.rs` checks the equality after every command of random logs.
 
 mod apply;
 mod decay;
