@@ -149,6 +149,15 @@ pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool
                 ctx.touch(&n);
             }
         }
+        if was_leader && !is_leader {
+            // Leader memory is not state: a deposed leader keeps no stale
+            // verdicts or leases to answer with (followers ask the leader).
+            ctx.verdicts
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            ctx.leases.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
         was_leader = is_leader;
         if !is_leader {
             continue;

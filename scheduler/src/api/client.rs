@@ -21,13 +21,17 @@ impl ClientApi {
         ClientApi { ctx }
     }
 
-    fn job_info(&self, who: &Principal, id: JobId) -> Result<pb::JobInfo, Status> {
+    fn job_info(
+        &self,
+        who: &Principal,
+        id: JobId,
+        view: &super::leader_view::LeaderView,
+    ) -> Result<pb::JobInfo, Status> {
         let state = self.ctx.raft.state();
         let job = state
             .jobs
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-        let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
         let policy = self.ctx.cfg.scheduling.policy();
         let position = if job.state == JobState::Pending {
             planner::queue_order(&state, &policy)
@@ -37,7 +41,7 @@ impl ClientApi {
         } else {
             0
         };
-        let reason = verdicts.get(&id).map(|v| v.to_string());
+        let reason = view.reason(id);
         Ok(self.present(&state, who, job, reason.as_deref(), position))
     }
 
@@ -168,8 +172,9 @@ impl Muster for ClientApi {
     ) -> Result<Response<pb::JobInfo>, Status> {
         let who = self.ctx.authenticate(&req, "get-job")?;
         self.ctx.linearize(&req).await?;
-        self.job_info(&who, JobId(req.into_inner().id))
-            .map(Response::new)
+        let id = JobId(req.into_inner().id);
+        let view = super::leader_view::get(&self.ctx, &[id]).await;
+        self.job_info(&who, id, &view).map(Response::new)
     }
 
     async fn list_jobs(
@@ -179,8 +184,9 @@ impl Muster for ClientApi {
         let who = self.ctx.authenticate(&req, "list-jobs")?;
         self.ctx.linearize(&req).await?;
         let all = req.into_inner().all;
+        // Every pending job's verdict, from the leader's memory.
+        let view = super::leader_view::get(&self.ctx, &[]).await;
         let state = self.ctx.raft.state();
-        let verdicts = self.ctx.verdicts.read().unwrap_or_else(|p| p.into_inner());
         let policy = self.ctx.cfg.scheduling.policy();
         let mut jobs = Vec::new();
         for (pos, id) in planner::queue_order(&state, &policy)
@@ -188,7 +194,7 @@ impl Muster for ClientApi {
             .enumerate()
         {
             if let Some(j) = state.jobs.get(&id) {
-                let reason = verdicts.get(&id).map(|v| v.to_string());
+                let reason = view.reason(id);
                 jobs.push(self.present(&state, &who, j, reason.as_deref(), pos as u32 + 1));
             }
         }
@@ -206,17 +212,14 @@ impl Muster for ClientApi {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.ctx.authenticate(&req, "list-nodes")?;
         self.ctx.linearize(&req).await?;
+        // When each agent was last heard from: the leader's memory.
+        let view = super::leader_view::get(&self.ctx, &[]).await;
         let state = self.ctx.raft.state();
-        let leases = self.ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
         let nodes = state
             .nodes
             .values()
             .map(|n| {
-                let seen = leases
-                    .get(&n.name)
-                    .map(|t| now_ms() - now.duration_since(*t).as_millis() as i64)
-                    .unwrap_or(0);
+                let seen = view.last_seen_ms.get(&n.name).copied().unwrap_or(0);
                 convert::node_to_pb(&state, n, seen)
             })
             .collect();

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod convert;
+pub mod leader_view;
 pub mod limits;
 pub mod logs;
 pub mod peer;
@@ -53,6 +54,9 @@ pub struct Ctx {
     /// the time the confirming read was asked (leader memory only; see
     /// [`Ctx::leadership_confirmed`]).
     pub confirmed: Mutex<Option<(u64, Instant)>>,
+    /// A channel to the leader, for asking it what only it knows
+    /// ([`leader_view`]).
+    pub leader_channel: Mutex<Option<(String, tonic::transport::Channel)>>,
 }
 
 impl Ctx {
@@ -65,6 +69,7 @@ impl Ctx {
             verdicts: RwLock::new(BTreeMap::new()),
             leases: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(None),
+            leader_channel: Mutex::new(None),
         })
     }
 

@@ -58,6 +58,18 @@ impl RaftPeer for PeerService {
         Ok(Response::new(pb::PeerAck {}))
     }
 
+    /// What only the leader knows, for a follower's client.
+    async fn leader_view(
+        &self,
+        req: Request<pb::LeaderViewRequest>,
+    ) -> Result<Response<pb::LeaderViewResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(super::leader_view::serve(
+            &self.ctx,
+            req.get_ref(),
+        )))
+    }
+
     type ForwardStream = ReceiverStream<Result<pb::ForwardAnswers, Status>>;
 
     /// A follower's proposals: each is proposed here as it arrives, and the

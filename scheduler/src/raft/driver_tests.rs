@@ -247,6 +247,13 @@ impl muster_proto::raft_peer_server::RaftPeer for ForwardSink {
         Err(tonic::Status::unimplemented("not in this test"))
     }
 
+    async fn leader_view(
+        &self,
+        _: tonic::Request<muster_proto::LeaderViewRequest>,
+    ) -> Result<tonic::Response<muster_proto::LeaderViewResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
     type ForwardStream =
         tokio_stream::wrappers::ReceiverStream<Result<muster_proto::ForwardAnswers, tonic::Status>>;
 
