@@ -123,10 +123,11 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Submissions (a job array counts once) per user per second, per scheduler.
+    /// Writes (submit, cancel, tenant, token and drain requests; a job array
+    /// counts once) per user per second, per scheduler.
     #[serde(default = "default_submits_per_second")]
     pub submits_per_second: f64,
-    /// How many submissions a user may make at once before the rate applies.
+    /// How many writes a user may make at once before the rate applies.
     #[serde(default = "default_submit_burst")]
     pub submit_burst: u32,
     /// The longest time limit (`muster submit --time`) a job may ask for;
