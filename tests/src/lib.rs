@@ -170,6 +170,9 @@ fn pump(
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
+/// The `agent_lease` (seconds) written into every scheduler's config.
+pub const AGENT_LEASE_SECS: u64 = 5;
+
 /// How to build a test cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
@@ -321,7 +324,7 @@ impl Cluster {
             self.path(&format!("scheduler-{i}.toml")),
             format!(
                 "node_id = {}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_root = \"{}\"\n\
-                 agent_lease = \"5s\"\nheartbeat_interval = \"500ms\"\nraft_tick = \"50ms\"\n\
+                 agent_lease = \"{AGENT_LEASE_SECS}s\"\nheartbeat_interval = \"500ms\"\nraft_tick = \"50ms\"\n\
                  election_ticks = 10\nheartbeat_ticks = 2\ncommit_timeout = \"2s\"\n\
                  snapshot_entries = {}\n{}join = {join}\n{}\n{}",
                 i + 1,
@@ -771,4 +774,37 @@ pub fn run_as(user: &str, program: &Path, args: &[&str], envs: &[(&str, &str)]) 
     }
     cmd.output()
         .with_context(|| format!("running {} as {user}", program.display()))
+}
+
+/// Helpers of the fault-injection suite (`tests/tests/faults.rs`).
+impl Cluster {
+    /// The cluster's name: its folder's name, also its cgroup parent. Unique
+    /// among the clusters alive on this host.
+    pub fn name(&self) -> &str {
+        &self.id
+    }
+
+    /// Process id of scheduler `i`, if we started it and it was not killed.
+    pub fn scheduler_pid(&self, i: usize) -> Option<u32> {
+        self.schedulers.get(i)?.as_ref().map(|c| c.id())
+    }
+
+    /// Process id of agent `i`, if we started it and it was not killed.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents.get(i)?.as_ref().map(|c| c.id())
+    }
+
+    /// Send `sig` to scheduler `i` (SIGSTOP to stall it, SIGCONT to resume it).
+    pub fn signal_scheduler(&self, i: usize, sig: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self
+            .scheduler_pid(i)
+            .ok_or_else(|| anyhow!("scheduler {i} is not running"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+            .with_context(|| format!("signalling scheduler {i}"))
+    }
+
+    /// The `agent_lease` every scheduler of a harness cluster runs with.
+    pub fn agent_lease(&self) -> Duration {
+        Duration::from_secs(AGENT_LEASE_SECS)
+    }
 }
