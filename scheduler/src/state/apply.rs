@@ -21,6 +21,11 @@ const MAX_SUBMIT_KEYS: usize = 100_000;
 /// Most jobs in one array submission.
 pub const MAX_ARRAY: u32 = 100_000;
 
+/// The idempotency key of `user`'s request `key`, as remembered.
+fn submit_key(user: &str, key: &str) -> String {
+    format!("{user}\u{0}{key}")
+}
+
 impl State {
     /// Apply one command. Deterministic; see the module docs.
     pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
@@ -31,12 +36,15 @@ impl State {
                 at_ms,
                 request_id,
             } => {
-                if let Some(id) = request_id.as_ref().and_then(|k| self.submit_keys.get(k)) {
+                // Keys are the user's own: another user's equal key is
+                // another request (and learns nothing of the first).
+                let key = request_id.as_ref().map(|k| submit_key(user, k));
+                if let Some(id) = key.as_ref().and_then(|k| self.submit_keys.get(k)) {
                     return ApplyResult::Submitted(*id);
                 }
                 let r = self.submit(spec, user, *at_ms);
-                if let (ApplyResult::Submitted(id), Some(key)) = (&r, request_id) {
-                    self.remember_submit_key(key, *id);
+                if let (ApplyResult::Submitted(id), Some(key)) = (&r, key) {
+                    self.remember_submit_key(&key, *id);
                 }
                 r
             }
@@ -47,12 +55,15 @@ impl State {
                 request_id,
                 count,
             } => {
-                if let Some(id) = request_id.as_ref().and_then(|k| self.submit_keys.get(k)) {
+                // Keys are the user's own: another user's equal key is
+                // another request (and learns nothing of the first).
+                let key = request_id.as_ref().map(|k| submit_key(user, k));
+                if let Some(id) = key.as_ref().and_then(|k| self.submit_keys.get(k)) {
                     return ApplyResult::Submitted(*id);
                 }
                 let r = self.submit_array(spec, user, *at_ms, *count);
-                if let (ApplyResult::Submitted(id), Some(key)) = (&r, request_id) {
-                    self.remember_submit_key(key, *id);
+                if let (ApplyResult::Submitted(id), Some(key)) = (&r, key) {
+                    self.remember_submit_key(&key, *id);
                 }
                 r
             }

@@ -651,3 +651,26 @@ fn huge_time_limits_are_refused_and_deadlines_saturate() {
         i64::MAX
     );
 }
+
+/// Idempotency keys are scoped to their user (issue 11 #4): the same key
+/// from another user is another request, and does not return (or reveal)
+/// the first user's job.
+#[test]
+fn idempotency_keys_are_per_user() {
+    let mut w = World::new(&[("a", 8)]);
+    let sub = |w: &mut World, user: &str| match w.cmd(Command::Submit {
+        request_id: Some("k".into()),
+        spec: spec(1, 1),
+        user: user.into(),
+        at_ms: 1,
+    }) {
+        ApplyResult::Submitted(id) => id,
+        o => panic!("{o:?}"),
+    };
+    let alice = sub(&mut w, "alice");
+    assert_eq!(sub(&mut w, "alice"), alice, "a retry returns the job");
+    let bob = sub(&mut w, "bob");
+    assert_ne!(bob, alice, "bob's equal key is bob's own request");
+    assert_eq!(w.s.jobs[&bob].user, "bob");
+    assert_eq!(w.s.jobs.len(), 2);
+}
