@@ -211,6 +211,11 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return ApplyResult::NotFound(format!("job {id} not found"));
         };
+        // Cancelling a cancelled job changes nothing and succeeds: a
+        // retried cancel (its first answer lost) is not an error.
+        if job.state == JobState::Cancelled {
+            return ApplyResult::Applied;
+        }
         if job.state.is_terminal() {
             return ApplyResult::Rejected(format!("job {id} already {}", job.state.as_str()));
         }
