@@ -391,3 +391,34 @@ fn refusals_never_push_changes_out_of_the_audit_trail() {
     assert_eq!(s.audit.front(), changes.get(1));
     assert_eq!(s.audit.back().map(|e| e.action.as_str()), Some("cancel"));
 }
+
+/// Issue 12: a tenant with members takes jobs only from them, cluster
+/// admins included (README, roles table): jobs are charged to a tenant on
+/// behalf of its members. An admin who needs to run there adds itself, and
+/// that change is audited; the refusal says how.
+#[test]
+fn cluster_admins_join_a_tenant_with_members_to_submit_there() {
+    let mut s = state();
+    let denied = check(&s, &who("root", true), &submit("root", "ml/cv"));
+    assert!(
+        denied
+            .as_ref()
+            .is_err_and(|e| e.contains("needs membership of ml/cv")),
+        "{denied:?}"
+    );
+    let join = Command::UpdateTenant {
+        name: "ml/cv".into(),
+        patch: Box::new(TenantPatch {
+            add_members: vec!["root".into()],
+            ..Default::default()
+        }),
+    };
+    assert_eq!(
+        ap(&mut s, &who("root", true), 0, &join),
+        ApplyResult::Applied
+    );
+    assert!(matches!(
+        ap(&mut s, &who("root", true), 0, &submit("root", "ml/cv")),
+        ApplyResult::Submitted(_)
+    ));
+}
