@@ -37,6 +37,7 @@ use muster_tests::{binary, wait_for, Cluster, ClusterSpec};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -806,8 +807,20 @@ fn leader_stalled_longer_than_a_lease_restarts_nothing() {
     r.finish(&[]);
 }
 
-/// Random faults for `MUSTER_SOAK_SECS` (default 180) seconds; prints the
-/// figures. `scripts/soak.sh` runs it.
+/// The faults the soak draws from (`MUSTER_SOAK_FAULTS`, comma-separated,
+/// chooses some; default all).
+const SOAK_FAULTS: [&str; 6] = [
+    "kill-leader",
+    "partition",
+    "partition-out",
+    "partition-in",
+    "kill-agent",
+    "stall-leader",
+];
+
+/// Random faults for `MUSTER_SOAK_SECS` (default 180) seconds, of the kinds
+/// in `MUSTER_SOAK_FAULTS`; prints the figures, then asserts as the tests
+/// do. `scripts/soak.sh` runs it.
 #[test]
 #[ignore = "long: run by scripts/soak.sh"]
 fn soak() {
@@ -816,6 +829,18 @@ fn soak() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(180);
+    let kinds: Vec<String> = match std::env::var("MUSTER_SOAK_FAULTS") {
+        Ok(list) if !list.trim().is_empty() => {
+            list.split(',').map(|k| k.trim().to_string()).collect()
+        }
+        _ => SOAK_FAULTS.iter().map(|k| k.to_string()).collect(),
+    };
+    for k in &kinds {
+        assert!(
+            SOAK_FAULTS.contains(&k.as_str()),
+            "MUSTER_SOAK_FAULTS: unknown fault {k:?}; known: {SOAK_FAULTS:?}"
+        );
+    }
     let mut r = Run::start(2);
     let lease = r.c.agent_lease();
     let seed = AtomicU64::new(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
@@ -828,17 +853,60 @@ fn soak() {
         x % n
     };
     let end = Instant::now() + Duration::from_secs(secs);
+    let long = lease + Duration::from_secs(1);
     settle(Duration::from_secs(3));
     while Instant::now() < end {
-        match next(6) {
-            0 => r.kill_leader(),
-            1 => r.partition_leader(true, true, lease + Duration::from_secs(1)),
-            2 => r.partition_leader(true, false, lease + Duration::from_secs(1)),
-            3 => r.partition_leader(false, true, lease + Duration::from_secs(1)),
-            4 => r.kill_agent(next(2) as usize, Duration::from_secs(1)),
-            _ => r.stall_leader(lease + Duration::from_secs(2)),
+        match kinds[next(kinds.len() as u64) as usize].as_str() {
+            "kill-leader" => r.kill_leader(),
+            "partition" => r.partition_leader(true, true, long),
+            "partition-out" => r.partition_leader(true, false, long),
+            "partition-in" => r.partition_leader(false, true, long),
+            "kill-agent" => r.kill_agent(next(2) as usize, Duration::from_secs(1)),
+            _ => r.stall_leader(long + Duration::from_secs(1)),
         }
         settle(Duration::from_secs(3 + next(4)));
     }
     r.finish(&[]);
+}
+
+/// The host scanner's rule on real processes: two live copies of one task
+/// count twice; a shell's forked child and a stopped (fenced) copy do not.
+#[test]
+fn host_scanner_counts_live_task_copies_only() {
+    let tag = format!("selftest{}", std::process::id());
+    let marker = format!("JOBMARK-{tag}-x");
+    let spawn = || {
+        Command::new("sh")
+            // The subshell is a forked copy of the shell: same command line.
+            .args([
+                "-c",
+                &format!("echo {marker} >/dev/null; (sleep 30; true); true"),
+            ])
+            .env("RANK", "0")
+            .process_group(0)
+            .spawn()
+            .expect("sh")
+    };
+    let count = || {
+        wait_for("the shells to fork their sleep", T, || {
+            let n = task_processes(&format!("JOBMARK-{tag}-"));
+            (!n.is_empty()).then_some(n.len())
+        })
+        .expect("scan")
+    };
+    let mut a = spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(), 1, "one task, its forked subshell not counted");
+    let mut b = spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(), 2, "a second live copy counts");
+    let pid = nix::unistd::Pid::from_raw(b.id() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(), 1, "a stopped copy does not run");
+    for c in [&mut a, &mut b] {
+        let group = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        let _ = c.wait();
+    }
 }
