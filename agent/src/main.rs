@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(muster_proto::daemon::log_colours())
         .init();
     let cfg = AgentConfig::load(&args.config)?;
     if args.check {

@@ -17,6 +17,21 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// Whether the daemons' log (on standard output) may use colours: only on
+/// a terminal, and never with `NO_COLOR` set (no-color.org), so a log
+/// redirected to a file or a journal holds no escape sequences.
+pub fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    colours_for(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+    )
+}
+
+fn colours_for(terminal: bool, no_color: bool) -> bool {
+    terminal && !no_color
+}
+
 /// Milliseconds since the Unix epoch: the wall clock both daemons stamp
 /// (the scheduler into commands, the agent into its lease file).
 pub fn now_ms() -> i64 {
@@ -199,6 +214,13 @@ pub async fn stop_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours_for(true, false));
+        assert!(!colours_for(false, false), "redirected");
+        assert!(!colours_for(true, true), "NO_COLOR");
+    }
     use tokio_stream::StreamExt;
 
     #[tokio::test]

@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,raft=warn,sled=warn".into()),
         )
+        .with_ansi(muster_proto::daemon::log_colours())
         .init();
     let mut cfg = SchedulerConfig::load(&args.config)?;
     if let Some(l) = args.listen {

@@ -346,12 +346,29 @@ impl State {
         self.index_job(p.job);
     }
 
+    /// The host a node's agent runs on (its address without the port), so
+    /// that nodes sharing a host (`muster dev`: every node is 127.0.0.1)
+    /// share one pool of ports.
+    fn host_of(&self, node: &str) -> String {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.address.rsplit_once(':').map(|(h, _)| h.to_string()))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| node.to_string())
+    }
+
+    /// A `MASTER_PORT` no active gang led from the same host uses.
     fn free_master_port(&self, rank0_node: &str) -> u16 {
+        let host = self.host_of(rank0_node);
         let used: std::collections::BTreeSet<u16> = self
             .active
             .iter()
             .filter_map(|id| self.jobs.get(id)?.alloc.as_ref())
-            .filter(|a| a.tasks.first().map(|t| t.placement.node.as_str()) == Some(rank0_node))
+            .filter(|a| {
+                a.tasks
+                    .first()
+                    .is_some_and(|t| self.host_of(&t.placement.node) == host)
+            })
             .map(|a| a.master_port)
             .collect();
         (MASTER_PORT_BASE..MASTER_PORT_BASE + MASTER_PORT_RANGE)

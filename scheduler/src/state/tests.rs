@@ -524,6 +524,35 @@ fn master_ports_differ_for_gangs_led_from_the_same_node() {
     assert_ne!(pa, pb);
 }
 
+/// Issue 12: two dev nodes on one host (both 127.0.0.1) led two gangs with
+/// the same MASTER_PORT, and the second torch job died with EADDRINUSE.
+#[test]
+fn master_ports_differ_for_gangs_led_from_nodes_on_one_host() {
+    let mut w = World::new(&[]);
+    for n in ["dev-0", "dev-1"] {
+        let mut reg = node(n, 1);
+        reg.address = format!("127.0.0.1:{}", if n == "dev-0" { 4001 } else { 4002 });
+        w.cmd(Command::RegisterNode {
+            node: reg,
+            running: vec![],
+            at_ms: 0,
+        });
+    }
+    let a = w.submit(1, 1);
+    let b = w.submit(1, 1);
+    w.schedule();
+    let lead = |id: JobId| {
+        let alloc = w.s.jobs[&id].alloc.as_ref().unwrap();
+        (alloc.tasks[0].placement.node.clone(), alloc.master_port)
+    };
+    let ((na, pa), (nb, pb)) = (lead(a), lead(b));
+    assert_ne!(
+        na, nb,
+        "one GPU per node: the gangs lead from different nodes"
+    );
+    assert_ne!(pa, pb, "same host, so different ports");
+}
+
 #[test]
 fn job_arrays_are_all_or_nothing_and_idempotent() {
     let mut w = World::new(&[("a", 8)]);
