@@ -198,6 +198,8 @@ pub struct Tenant {
     pub jobs_running: u32,
     /// Tenant admins of this tenant (rights over its subtree).
     pub admins: Vec<String>,
+    /// E.g. a guarantee larger than the whole cluster; `null` when none.
+    pub warning: Option<String>,
 }
 
 /// A chunk of `muster logs --json`, one JSON object per line.
@@ -367,6 +369,7 @@ impl From<&TenantInfo> for Tenant {
             jobs_pending: t.jobs_pending,
             jobs_running: t.jobs_running,
             admins: t.admins.clone(),
+            warning: some_str(&t.warning),
         }
     }
 }

@@ -105,6 +105,9 @@ async fn delete(ctx: &Ctx, name: String) -> anyhow::Result<()> {
 }
 
 fn print_one(ctx: &Ctx, t: &TenantInfo, verb: &str) -> anyhow::Result<()> {
+    if !t.warning.is_empty() {
+        eprintln!("muster: warning: {}", crate::output::escape(&t.warning));
+    }
     if ctx.json() {
         return json::print(&json::Tenant::from(t));
     }

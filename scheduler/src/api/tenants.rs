@@ -109,5 +109,48 @@ pub fn tenant_info(state: &State, t: &Tenant) -> pb::TenantInfo {
         jobs_pending: pending,
         jobs_running: running,
         admins: state.admins(&t.name).into_iter().collect(),
+        warning: guarantee_warning(state, t).unwrap_or_default(),
+    }
+}
+
+/// A guarantee the cluster cannot honour as it stands: more GPUs than all
+/// registered nodes have. Accepted (nodes may be on their way), but said.
+pub fn guarantee_warning(state: &State, t: &Tenant) -> Option<String> {
+    if state.nodes.is_empty() || t.guarantee_gpus == 0 {
+        return None;
+    }
+    let total: u64 = state.nodes.values().map(|n| n.gpus.len() as u64).sum();
+    (u64::from(t.guarantee_gpus) > total).then(|| {
+        format!(
+            "tenant {}: its guarantee of {} GPUs is more than the whole cluster has ({total} GPUs on {} nodes); it can be honoured only once nodes are added",
+            t.name,
+            t.guarantee_gpus,
+            state.nodes.len()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::World;
+
+    #[test]
+    fn a_guarantee_beyond_the_cluster_is_said() {
+        let w = World::new(&[("a", 8), ("b", 8)]);
+        let mut t = Tenant::open("ml");
+        t.guarantee_gpus = 16;
+        assert_eq!(guarantee_warning(&w.s, &t), None);
+        t.guarantee_gpus = 64;
+        let m = guarantee_warning(&w.s, &t).expect("warned");
+        assert!(
+            m.contains("64 GPUs is more than the whole cluster has (16 GPUs on 2 nodes)"),
+            "{m}"
+        );
+        assert_eq!(
+            guarantee_warning(&World::new(&[]).s, &t),
+            None,
+            "no nodes yet"
+        );
     }
 }
