@@ -532,9 +532,26 @@ impl Scheduler {
 
     /// Active jobs, or all jobs with `all`.
     pub async fn list_jobs(&mut self, all: bool) -> Result<Vec<JobInfo>, ClientError> {
-        match self.inner.list_jobs(ListJobsRequest { all }).await {
-            Ok(r) => Ok(r.into_inner().jobs),
-            Err(s) => Err(self.fail(s, "list jobs", None)),
+        // Page through: one response stays small however deep the queue.
+        let mut jobs: Vec<JobInfo> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut offset = 0;
+        loop {
+            let req = ListJobsRequest {
+                all,
+                limit: 0,
+                offset,
+            };
+            let page = match self.inner.list_jobs(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return Err(self.fail(s, "list jobs", None)),
+            };
+            // The listing may shift between pages: keep each job once.
+            jobs.extend(page.jobs.into_iter().filter(|j| seen.insert(j.id)));
+            if page.next_offset <= offset || page.next_offset >= page.total {
+                return Ok(jobs);
+            }
+            offset = page.next_offset;
         }
     }
 

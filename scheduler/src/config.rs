@@ -134,6 +134,15 @@ pub struct LimitsConfig {
     /// a longer one is refused, naming the field `time`.
     #[serde(default = "default_max_time_limit", with = "humantime_serde")]
     pub max_time_limit: Duration,
+    /// Most unfinished jobs (pending or running; array elements count one
+    /// each) one user may have; a submission past it is refused. Cluster
+    /// admins are exempt.
+    #[serde(default = "default_max_jobs_per_user")]
+    pub max_jobs_per_user: u32,
+}
+
+fn default_max_jobs_per_user() -> u32 {
+    20_000
 }
 
 fn default_max_time_limit() -> Duration {
@@ -153,6 +162,7 @@ impl Default for LimitsConfig {
             submits_per_second: default_submits_per_second(),
             submit_burst: default_submit_burst(),
             max_time_limit: default_max_time_limit(),
+            max_jobs_per_user: default_max_jobs_per_user(),
         }
     }
 }

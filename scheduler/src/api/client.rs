@@ -75,6 +75,24 @@ impl ClientApi {
 }
 
 impl ClientApi {
+    /// `who` may have at most `[limits] max_jobs_per_user` unfinished jobs
+    /// (array elements count one each): one user cannot flood the queue and
+    /// the leader's memory for everyone. Checked here, before the write is
+    /// proposed; concurrent submissions may pass it together by a few.
+    fn check_job_cap(&self, who: &Principal, count: u32) -> Result<(), Status> {
+        if who.cluster_admin {
+            return Ok(());
+        }
+        let cap = u64::from(self.ctx.cfg.limits.max_jobs_per_user);
+        let state = self.ctx.raft.state();
+        let have = state
+            .jobs
+            .values()
+            .filter(|j| j.user == who.name && !j.state.is_terminal())
+            .count() as u64;
+        job_cap(&who.name, have, u64::from(count), cap)
+    }
+
     fn tenant_info(&self, name: &str) -> Result<pb::TenantInfo, Status> {
         let state = self.ctx.raft.state();
         let t = state
@@ -115,6 +133,7 @@ impl Muster for ClientApi {
             // Refused before it costs a log entry (apply checks it again).
             crate::state::validate_array(&spec, count).map_err(Status::invalid_argument)?;
         }
+        self.check_job_cap(&who, count)?;
         // The job runs as whoever was authenticated, whatever `req.user` says.
         let user = who.name.clone();
         let cmd = if count > 1 {
@@ -183,27 +202,37 @@ impl Muster for ClientApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let who = self.ctx.authenticate(&req, "list-jobs")?;
         self.ctx.linearize(&req).await?;
-        let all = req.into_inner().all;
+        let req = req.into_inner();
         // Every pending job's verdict, from the leader's memory.
         let view = super::leader_view::get(&self.ctx, &[]).await;
         let state = self.ctx.raft.state();
         let policy = self.ctx.cfg.scheduling.policy();
-        let mut jobs = Vec::new();
-        for (pos, id) in planner::queue_order(&state, &policy)
-            .into_iter()
+        let pending = planner::queue_order(&state, &policy);
+        let others = state
+            .jobs
+            .values()
+            .filter(|j| j.state != JobState::Pending && (req.all || !j.state.is_terminal()))
+            .map(|j| j.id);
+        let listing: Vec<(JobId, u32)> = pending
+            .iter()
             .enumerate()
-        {
-            if let Some(j) = state.jobs.get(&id) {
-                let reason = view.reason(id);
-                jobs.push(self.present(&state, &who, j, reason.as_deref(), pos as u32 + 1));
-            }
-        }
-        for j in state.jobs.values() {
-            if j.state != JobState::Pending && (all || !j.state.is_terminal()) {
-                jobs.push(self.present(&state, &who, j, None, 0));
-            }
-        }
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+            .map(|(pos, id)| (*id, pos as u32 + 1))
+            .chain(others.map(|id| (id, 0)))
+            .collect();
+        let (from, to) = page(listing.len(), req.offset, req.limit);
+        let jobs = listing[from..to]
+            .iter()
+            .filter_map(|(id, pos)| {
+                let j = state.jobs.get(id)?;
+                let reason = (*pos > 0).then(|| view.reason(*id)).flatten();
+                Some(self.present(&state, &who, j, reason.as_deref(), *pos))
+            })
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            next_offset: to as u64,
+            total: listing.len() as u64,
+        }))
     }
 
     async fn list_nodes(
@@ -365,5 +394,55 @@ impl Muster for ClientApi {
             jobs_pending: state.pending.len() as u32,
             jobs_running: running as u32,
         }))
+    }
+}
+
+/// The refusal when `user`, with `have` unfinished jobs, asks for `more`.
+fn job_cap(user: &str, have: u64, more: u64, cap: u64) -> Result<(), Status> {
+    if have.saturating_add(more) <= cap {
+        return Ok(());
+    }
+    Err(Status::resource_exhausted(format!(
+        "{user} has {have} unfinished jobs; {more} more would pass the limit of {cap} per user ([limits] max_jobs_per_user): wait for some to finish or cancel some"
+    )))
+}
+
+/// The most jobs one `ListJobs` page holds: a page of summaries stays far
+/// below the 4 MiB message limit however many jobs are queued.
+pub const MAX_PAGE: usize = 1000;
+
+/// The bounds `[from, to)` of the page at `offset` of `limit` jobs (0 or
+/// over [`MAX_PAGE`]: [`MAX_PAGE`]) in a listing of `len`.
+fn page(len: usize, offset: u64, limit: u32) -> (usize, usize) {
+    let limit = match limit as usize {
+        0 => MAX_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let from = usize::try_from(offset).unwrap_or(usize::MAX).min(len);
+    (from, from.saturating_add(limit).min(len))
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    #[test]
+    fn a_user_may_not_queue_past_the_cap() {
+        assert!(job_cap("eve", 10, 90, 100).is_ok());
+        let e = job_cap("eve", 10, 91, 100).expect_err("over");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("max_jobs_per_user"), "{}", e.message());
+        assert!(job_cap("eve", 0, u64::MAX, 100).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn pages_are_bounded_and_cover_the_listing() {
+        assert_eq!(page(10, 0, 0), (0, 10));
+        assert_eq!(page(2500, 0, 0), (0, MAX_PAGE));
+        assert_eq!(page(2500, 2000, 0), (2000, 2500));
+        assert_eq!(page(2500, 0, 5000), (0, MAX_PAGE), "no page over the max");
+        assert_eq!(page(10, 4, 3), (4, 7));
+        assert_eq!(page(10, 99, 3), (10, 10), "past the end: empty");
+        assert_eq!(page(10, u64::MAX, 3), (10, 10));
     }
 }
