@@ -44,8 +44,11 @@ pub enum ServerError {
 }
 
 /// A member that starts with no data while its peers already run a cluster
-/// lost its data folder: it must not bootstrap (and vote) as if the cluster
-/// were new, but wait for the leader to send it the state.
+/// lost its data folder: it does not bootstrap a configuration of its own
+/// (its config may name members the cluster no longer has) but waits for
+/// the leader to send it the state. Either way it does not vote until it
+/// has caught up (see `raft/mod.rs`): this probe is not what keeps it safe,
+/// since no peer may answer.
 async fn rejoining(cfg: &SchedulerConfig, peers: &std::collections::BTreeMap<u64, String>) -> bool {
     if cfg.data_dir.join("raft").exists() || peers.len() < 2 {
         return false;
@@ -66,7 +69,9 @@ async fn rejoining(cfg: &SchedulerConfig, peers: &std::collections::BTreeMap<u64
                 .await
                 .ok()?
                 .into_inner();
-            Some(st.commit_index > 0)
+            // A fresh member holds the initial snapshot (index 1, term 1);
+            // one of a running cluster has seen an election.
+            Some(st.commit_index > raft::BOOTSTRAP_INDEX || st.term > 1 || st.leader_id != 0)
         };
         if let Ok(Some(true)) = tokio::time::timeout(std::time::Duration::from_secs(1), probe).await
         {

@@ -59,7 +59,7 @@ impl Admin for AdminService {
             self.ctx.authenticate(&req, "admin-status")?;
         }
         let st = self.ctx.raft.status().borrow().clone();
-        let digest = self.ctx.raft.state().digest();
+        let digest = cluster_digest(self.ctx.raft.state().digest(), &st);
         Ok(Response::new(pb::AdminStatusResponse {
             node_id: st.id,
             role: st.role.to_string(),
@@ -163,5 +163,91 @@ impl AdminService {
         Ok(Response::new(pb::ChangePeersResponse {
             members: self.members(),
         }))
+    }
+}
+
+/// The digest `muster admin status` reports: the state's, with the Raft
+/// configuration this member has applied (voters, learners, the voters of
+/// a configuration being left) mixed in, so that members that agree on the
+/// state but not on who the members are do not look converged.
+fn cluster_digest(state: u64, st: &crate::raft::RaftStatus) -> u64 {
+    let mut conf: Vec<(u64, u8)> = st
+        .members
+        .iter()
+        .map(|m| (m.id, u8::from(m.voter)))
+        .chain(st.voters_outgoing.iter().map(|id| (*id, 2)))
+        .collect();
+    conf.sort_unstable();
+    // FNV-1a, as State::digest: stable across processes and versions.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = state.to_le_bytes().into_iter().chain(
+        conf.iter()
+            .flat_map(|(id, kind)| id.to_le_bytes().into_iter().chain([*kind])),
+    );
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cluster_digest;
+    use crate::raft::{Member, RaftStatus};
+
+    fn status(voters: &[u64], learners: &[u64], outgoing: &[u64]) -> RaftStatus {
+        let mut members: Vec<Member> = voters
+            .iter()
+            .chain(outgoing)
+            .map(|id| Member {
+                id: *id,
+                voter: true,
+                matched: 0,
+            })
+            .chain(learners.iter().map(|id| Member {
+                id: *id,
+                voter: false,
+                matched: 0,
+            }))
+            .collect();
+        members.sort_by_key(|m| m.id);
+        members.dedup_by_key(|m| m.id);
+        RaftStatus {
+            members,
+            voters_outgoing: outgoing.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 11: two members with the same state but different
+    /// configurations (a joiner that never learned the membership) must not
+    /// report the same digest.
+    #[test]
+    fn the_digest_covers_the_raft_configuration() {
+        let state = 42;
+        let base = cluster_digest(state, &status(&[1, 2, 3], &[], &[]));
+        assert_eq!(base, cluster_digest(state, &status(&[1, 2, 3], &[], &[])));
+        let mut leader_view = status(&[1, 2, 3], &[], &[]);
+        leader_view.leader = 2;
+        leader_view.members[0].matched = 99;
+        assert_eq!(
+            base,
+            cluster_digest(state, &leader_view),
+            "views of progress do not count"
+        );
+        for other in [
+            status(&[], &[], &[]),
+            status(&[1, 2], &[], &[]),
+            status(&[1, 2], &[3], &[]),
+            status(&[1, 2, 3], &[], &[1, 2]),
+            status(&[1, 2, 3, 4], &[], &[]),
+        ] {
+            assert_ne!(base, cluster_digest(state, &other), "{other:?}");
+        }
+        assert_ne!(
+            base,
+            cluster_digest(state + 1, &status(&[1, 2, 3], &[], &[]))
+        );
     }
 }

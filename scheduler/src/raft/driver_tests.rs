@@ -26,7 +26,7 @@ struct Harness {
     /// Messages of this type are dropped.
     drop_type: Option<raft::eraftpb::MessageType>,
     dir: tempfile::TempDir,
-    _stop: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
 }
 
 fn settings(voters: &[u64]) -> RaftSettings {
@@ -63,24 +63,7 @@ fn harness_with(voters: &[u64], peers: BTreeMap<u64, String>) -> Harness {
     let peers = voters
         .iter()
         .filter(|id| **id != 1)
-        .map(|id| {
-            let storage = MemStorage::new_with_conf_state((voters.to_vec(), vec![]));
-            let cfg = raft::Config {
-                id: *id,
-                election_tick: 100_000,
-                heartbeat_tick: 1,
-                pre_vote: true,
-                ..Default::default()
-            };
-            let node = RawNode::new(&cfg, storage, &logger::logger()).unwrap();
-            (
-                *id,
-                Peer {
-                    node,
-                    state: State::new(),
-                },
-            )
-        })
+        .map(|id| (*id, peer(*id, Some(voters))))
         .collect();
     Harness {
         handle,
@@ -91,7 +74,32 @@ fn harness_with(voters: &[u64], peers: BTreeMap<u64, String>) -> Harness {
         cut: BTreeSet::new(),
         drop_type: None,
         dir,
-        _stop: stop_tx,
+        stop: stop_tx,
+    }
+}
+
+/// A `RawNode` peer: an initial member of a cluster of `voters` (begun from
+/// the same initial snapshot as the driver), or with `None` a member to be
+/// added, with an empty log.
+fn peer(id: u64, voters: Option<&[u64]>) -> Peer {
+    let storage = MemStorage::new();
+    if let Some(voters) = voters {
+        storage
+            .wl()
+            .apply_snapshot(initial_snapshot(voters))
+            .unwrap();
+    }
+    let cfg = raft::Config {
+        id,
+        election_tick: 100_000,
+        heartbeat_tick: 1,
+        pre_vote: true,
+        ..Default::default()
+    };
+    let node = RawNode::new(&cfg, storage, &logger::logger()).unwrap();
+    Peer {
+        node,
+        state: State::new(),
     }
 }
 
@@ -174,6 +182,27 @@ impl Harness {
         }
     }
 
+    /// Stop the driver and start it again on an empty data folder, as a
+    /// member whose disk was replaced and that starts with the config it
+    /// had (`voters`: it bootstraps; empty: it joins).
+    async fn restart_wiped(&mut self, voters: &[u64]) {
+        let _ = self.stop.send(true);
+        self.stopped().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (tap_tx, tap) = mpsc::unbounded_channel();
+        let (handle, inbound, task) = start_with(settings(voters), dir.path(), stop_rx, {
+            move |id, book, feedback| Transport::tapped(id, book, feedback, tap_tx)
+        })
+        .unwrap();
+        self.handle = handle;
+        self.inbound = inbound;
+        self.task = Some(task);
+        self.tap = tap;
+        self.dir = dir;
+        self.stop = stop_tx;
+    }
+
     /// The driver's end, once it has stopped.
     async fn stopped(&mut self) -> Result<(), DriverError> {
         let task = self.task.take().expect("driver task");
@@ -197,7 +226,7 @@ fn ready(p: &mut Peer) -> Vec<Message> {
         p.state = format::decode_snapshot(&snap.data).unwrap();
         p.node.mut_store().wl().apply_snapshot(snap).unwrap();
     }
-    apply(&mut p.state, rd.take_committed_entries());
+    apply(p, rd.take_committed_entries());
     p.node.mut_store().wl().append(rd.entries()).unwrap();
     if let Some(hs) = rd.hs() {
         p.node.mut_store().wl().set_hardstate(hs.clone());
@@ -208,15 +237,34 @@ fn ready(p: &mut Peer) -> Vec<Message> {
         p.node.mut_store().wl().mut_hard_state().commit = c;
     }
     out.extend(light.take_messages());
-    apply(&mut p.state, light.take_committed_entries());
+    apply(p, light.take_committed_entries());
     p.node.advance_apply();
     out
 }
 
-fn apply(state: &mut State, entries: Vec<Entry>) {
+/// Apply committed entries as the driver does: commands to the state,
+/// membership changes to raft (a change raft refuses is left unapplied, as
+/// the old driver did, so a test sees the member that cannot lead).
+fn apply(p: &mut Peer, entries: Vec<Entry>) {
     for e in entries {
-        if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
-            state.apply(&format::decode_command(&e.data).unwrap());
+        let cs = match e.get_entry_type() {
+            EntryType::EntryNormal => {
+                if !e.data.is_empty() {
+                    p.state.apply(&format::decode_command(&e.data).unwrap());
+                }
+                continue;
+            }
+            EntryType::EntryConfChange => {
+                let cc = ConfChange::parse_from_bytes(&e.data).unwrap();
+                p.node.apply_conf_change(&cc)
+            }
+            EntryType::EntryConfChangeV2 => {
+                let cc = ConfChangeV2::parse_from_bytes(&e.data).unwrap();
+                p.node.apply_conf_change(&cc)
+            }
+        };
+        if let Ok(cs) = cs {
+            p.node.mut_store().wl().set_conf_state(cs);
         }
     }
 }
@@ -226,7 +274,7 @@ async fn elect_member_1(h: &mut Harness) {
     h.until("member 1 leads", |h| h.status().is_leader).await;
     h.until("the term's first entry is applied everywhere", |h| {
         let applied = h.status().applied;
-        applied > 0
+        applied > BOOTSTRAP_INDEX
             && h.peers
                 .values()
                 .all(|p| p.node.raft.raft_log.applied >= applied)
@@ -362,7 +410,7 @@ async fn a_read_right_after_an_election_is_served_once_the_term_has_a_commit() {
     }
     assert!(!read.is_finished(), "served before the term had a commit");
     assert_eq!(h.handle.waiting_reads(), 1);
-    assert_eq!(h.status().applied, 0, "the term has a commit");
+    assert_eq!(h.status().applied, BOOTSTRAP_INDEX, "the term has a commit");
     h.drop_type = None;
     h.until("the read is served", |_| read.is_finished()).await;
     assert_eq!(read.await.unwrap(), Ok(()));
@@ -398,7 +446,7 @@ fn add(id: u64) -> PeerChange {
 async fn a_second_membership_change_while_one_is_in_progress_is_refused() {
     let mut h = harness(&[1]);
     h.until("member 1 leads", |h| {
-        h.status().is_leader && h.status().applied > 0
+        h.status().is_leader && h.status().applied > BOOTSTRAP_INDEX
     })
     .await;
     // Entering the joint configuration commits on member 1 alone; leaving
@@ -455,7 +503,7 @@ async fn propose_raw(h: &Harness, data: Vec<u8>) {
 async fn an_undecodable_entry_stops_the_driver_naming_its_index() {
     let mut h = harness(&[1]);
     h.until("member 1 leads", |h| {
-        h.status().is_leader && h.status().applied > 0
+        h.status().is_leader && h.status().applied > BOOTSTRAP_INDEX
     })
     .await;
     let index = h.status().last_index + 1;
@@ -477,7 +525,7 @@ async fn an_undecodable_entry_stops_the_driver_naming_its_index() {
 async fn an_entry_of_a_newer_format_is_refused_by_name() {
     let mut h = harness(&[1]);
     h.until("member 1 leads", |h| {
-        h.status().is_leader && h.status().applied > 0
+        h.status().is_leader && h.status().applied > BOOTSTRAP_INDEX
     })
     .await;
     let mut data = format::encode_command(&submit("future"));
@@ -530,5 +578,143 @@ async fn an_undecodable_snapshot_stops_the_driver_before_storage_is_replaced() {
             Err(e) => panic!("reopen: {e}"),
         }
     };
-    assert!(s.load_snapshot().unwrap().is_none());
+    let (meta, _) = s.load_snapshot().unwrap().unwrap();
+    assert_eq!(meta.index, BOOTSTRAP_INDEX, "only the initial snapshot");
+}
+
+fn leader_among(h: &Harness, ids: &[u64]) -> Option<u64> {
+    ids.iter().copied().find(|id| match id {
+        1 => h.status().is_leader,
+        _ => h.peers[id].node.raft.state == StateRole::Leader,
+    })
+}
+
+/// Issue 11 #3: a cluster grown from one member before any snapshot was
+/// taken. The members added never learned the first configuration (they
+/// replayed "add node" onto an empty one, which raft refuses), so with
+/// member 1 gone nobody could campaign. Now the log begins after an
+/// initial snapshot and the joiners are sent one that names them.
+#[tokio::test]
+async fn a_cluster_grown_from_one_member_before_any_snapshot_elects_without_it() {
+    let mut h = harness(&[1]);
+    h.until("member 1 leads", |h| {
+        h.status().is_leader && h.status().applied > BOOTSTRAP_INDEX
+    })
+    .await;
+    for id in [2, 3] {
+        h.peers.insert(id, peer(id, None));
+        let handle = h.handle.clone();
+        let change = tokio::spawn(async move { handle.change_peers(add(id)).await });
+        h.until("the change is answered", |_| change.is_finished())
+            .await;
+        assert_eq!(change.await.unwrap(), Ok(()), "adding {id}");
+    }
+    let handle = h.handle.clone();
+    let write = tokio::spawn(async move { handle.propose(submit("grown")).await });
+    h.until("the write is answered", |_| write.is_finished())
+        .await;
+    assert!(write.await.unwrap().is_ok());
+    h.until("members 2 and 3 know the configuration", |h| {
+        [2, 3].iter().all(|id| {
+            let conf = h.peers[id].node.raft.prs().conf().to_conf_state();
+            conf.voters == [1, 2, 3] && conf.voters_outgoing.is_empty()
+        })
+    })
+    .await;
+    // Member 1 stops for good.
+    let _ = h.stop.send(true);
+    h.stopped().await.unwrap();
+    h.isolate(1);
+    h.peers.get_mut(&2).unwrap().node.campaign().unwrap();
+    h.settle_peers(vec![]).await;
+    assert_eq!(
+        leader_among(&h, &[2, 3]),
+        Some(2),
+        "member 2 could not be elected"
+    );
+    // And the new leader commits.
+    h.peers
+        .get_mut(&2)
+        .unwrap()
+        .node
+        .propose(vec![], format::encode_command(&submit("after")))
+        .unwrap();
+    h.settle_peers(vec![]).await;
+    for _ in 0..5 {
+        h.round().await;
+    }
+    for id in [2, 3] {
+        assert_eq!(jobs_named(&h.peers[&id].state, "grown"), 1, "member {id}");
+        assert_eq!(jobs_named(&h.peers[&id].state, "after"), 1, "member {id}");
+    }
+}
+
+/// Issue 11 #2: member 3 is down, members 1 and 2 commit E, member 1 loses
+/// its disk and starts again with its old config, member 2 crashes, member
+/// 3 comes back. Member 1's empty log must not elect member 3, which lacks
+/// E (no leader is acceptable, losing E is not); once member 2 is back, E
+/// survives everywhere.
+#[tokio::test]
+async fn a_wiped_member_does_not_elect_a_leader_without_an_acknowledged_write() {
+    for voters in [&[1u64, 2, 3][..], &[]] {
+        let mut h = harness(&[1, 2, 3]);
+        elect_member_1(&mut h).await;
+        let handle = h.handle.clone();
+        let before = tokio::spawn(async move { handle.propose(submit("before")).await });
+        h.until("the first write is answered", |_| before.is_finished())
+            .await;
+        assert!(before.await.unwrap().is_ok());
+        h.until("member 3 has it", |h| {
+            jobs_named(&h.peers[&3].state, "before") == 1
+        })
+        .await;
+        h.isolate(3);
+        let handle = h.handle.clone();
+        let e = tokio::spawn(async move { handle.propose(submit("E")).await });
+        h.until("E is acknowledged", |_| e.is_finished()).await;
+        assert!(e.await.unwrap().is_ok(), "E acknowledged by 1 and 2");
+        assert_eq!(jobs_named(&h.peers[&3].state, "E"), 0);
+        // Member 1's disk is wiped; it starts again (bootstrapping from its
+        // config, as when no peer answered its probe, or joining); member 2
+        // crashes before member 1 hears from it; member 3 returns.
+        h.restart_wiped(voters).await;
+        h.cut.clear();
+        h.isolate(2);
+        for _ in 0..60 {
+            let p3 = h.peers.get_mut(&3).unwrap();
+            if p3.node.raft.state == StateRole::Follower {
+                p3.node.campaign().unwrap();
+            }
+            h.round().await;
+            assert_ne!(
+                leader_among(&h, &[1, 3]),
+                Some(3),
+                "member 3 was elected without E ({voters:?})"
+            );
+            assert!(
+                !h.status().is_leader,
+                "member 1 was elected with an empty log"
+            );
+        }
+        assert!(h.status().catching_up);
+        if voters.is_empty() {
+            // (A joiner is sent a snapshot, which `MemStorage` peers make
+            // without the state's bytes: the rest is for the bootstrap.)
+            continue;
+        }
+        // Member 2 returns and campaigns: it is elected, and E is everywhere.
+        h.cut.clear();
+        h.peers.get_mut(&2).unwrap().node.campaign().unwrap();
+        h.until("a leader with E", |h| {
+            leader_among(h, &[1, 2, 3]).is_some()
+                && jobs_named(&h.handle.state(), "E") == 1
+                && [2, 3]
+                    .iter()
+                    .all(|id| jobs_named(&h.peers[id].state, "E") == 1)
+        })
+        .await;
+        // Once member 1 has caught up, it votes again.
+        h.until("member 1 caught up", |h| !h.status().catching_up)
+            .await;
+    }
 }

@@ -16,6 +16,59 @@
 //! state's size, so under a stream of writes it is taken at most once an
 //! interval rather than every few seconds. On restart the driver loads
 //! the snapshot and raft-rs re-delivers the committed entries after it.
+//!
+//! # Bootstrap and joining
+//!
+//! A brand-new cluster's initial members each begin their storage with the
+//! same [`initial_snapshot`]: index 1, term 1, the first voters and the
+//! empty state; the log begins at index 2. A member added later (`join`)
+//! starts with nothing, not even a configuration, so it must never replay
+//! the log from index 1: a membership change applied onto an empty
+//! configuration is refused by raft ("can't make a zero-voter config
+//! joint"), and the member never learns who the voters are, so it can never
+//! campaign. Because the log starts after a snapshot, the leader sends a
+//! joiner a snapshot first, and a snapshot carries the configuration. raft-rs
+//! refuses a snapshot whose configuration does not name the recipient (one
+//! taken before it was added); the storage then answers "temporarily
+//! unavailable" and asks the driver for a fresh snapshot, taken at once
+//! (`SledStorage::take_snapshot_wanted`). Data folders of older schedulers,
+//! whose log starts at index 1 without a snapshot, get their first snapshot
+//! as soon as anything is applied.
+//!
+//! # A member that lost its data
+//!
+//! Raft's safety rests on every member remembering what it acknowledged and
+//! whom it voted for. A member whose data folder was wiped (a replaced disk)
+//! and that comes back under the same id with an empty log would vote for a
+//! candidate lacking writes it had acknowledged: with member 3 down, 1 and 2
+//! commit E; 2 is wiped and restarts; 1 crashes; 3 returns and 2's vote
+//! elects 3, and E is gone. A member cannot tell by itself that it had data
+//! before, and a peer may not be there to say so. So every data folder
+//! begun by a run is marked *catching up* (durably: a crash while catching
+//! up keeps the mark). While catching up, a member
+//!
+//! - grants no vote and no pre-vote to a candidate whose log holds more
+//!   than the initial snapshot. Only the first election of a brand-new
+//!   cluster, whose members all catch up, is voted in;
+//! - otherwise follows, acknowledges and applies as any member does;
+//! - stops catching up once it has heard from leaders for two election
+//!   timeouts (a stale, cut-off leader steps down within one: check-quorum)
+//!   and applied the highest commit index they sent it, or once it is
+//!   elected (its log then holds every committed entry).
+//!
+//! A member that lost its data therefore rejoins by itself, under the same
+//! id and with the same config, and votes again once it holds what it had
+//! acknowledged; while a majority of the other members is unreachable it
+//! cannot help elect a leader (no leader is better than a leader that lost
+//! acknowledged writes). A member added with `muster admin peers add` is
+//! caught up the same way. What this cannot protect: a wiped member that
+//! believes the cluster is new votes for a candidate whose log is also only
+//! the initial snapshot, so a member down since the cluster was created,
+//! together with a wiped one and a third crashed, can elect a leader without
+//! the writes only the crashed one holds. Two lost members of three are
+//! beyond what Raft survives anyway. And a member whose config lists only
+//! itself bootstraps a new one-member cluster on an empty data folder: list
+//! every member in `peers` once a cluster has grown.
 
 #[cfg(test)]
 mod driver_tests;
@@ -139,6 +192,12 @@ pub struct RaftStatus {
     pub members: Vec<Member>,
     /// This node was removed from the cluster and must stop serving.
     pub removed: bool,
+    /// Voters of the configuration being left while it is joint (they are
+    /// among `members` too), sorted.
+    pub voters_outgoing: Vec<u64>,
+    /// This member is catching up since its data folder was begun and does
+    /// not vote yet (see the module essay).
+    pub catching_up: bool,
 }
 
 /// Settings of the Raft driver.
@@ -223,9 +282,17 @@ fn start_with(
     make: impl FnOnce(u64, Arc<AddressBook>, mpsc::UnboundedSender<Feedback>) -> Transport,
 ) -> Result<(RaftHandle, Inbound, DriverTask), StartError> {
     let storage = SledStorage::open(data_dir)?;
-    if storage.is_empty()? && !settings.voters.is_empty() {
-        storage.bootstrap(settings.voters.clone())?;
+    if storage.is_empty()? {
+        // A data folder begun by this run: this member may be one that lost
+        // its data. It catches up before it votes for a candidate with data.
+        storage.set_catching_up(true)?;
+        if settings.voters.is_empty() {
+            storage.flush()?;
+        } else {
+            storage.bootstrap_snapshot(&initial_snapshot(&settings.voters))?;
+        }
     }
+    let catch_up = storage.catching_up()?.then(CatchUp::default);
     let (state, applied) = match storage.load_snapshot()? {
         Some((meta, data)) => (
             format::decode_snapshot(&data).map_err(|source| StartError::Snapshot {
@@ -263,6 +330,7 @@ fn start_with(
     let (status_tx, status_rx) = watch::channel(RaftStatus {
         id: settings.id,
         applied,
+        catching_up: catch_up.is_some(),
         ..Default::default()
     });
     let timeout = settings.commit_timeout;
@@ -289,6 +357,7 @@ fn start_with(
         settings,
         status: status_tx,
         removed: false,
+        catch_up,
     };
     let task = tokio::spawn(driver.run(rx, inbound_rx, feedback_rx, shutdown));
     Ok((
@@ -307,6 +376,35 @@ fn start_with(
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
+
+/// Index and term of every cluster's initial snapshot.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+const BOOTSTRAP_TERM: u64 = 1;
+
+/// What every initial member of a new cluster starts from: a snapshot at
+/// index 1, term 1, holding the first configuration and the empty state.
+/// The log begins after it, so a member added later (whose log is empty)
+/// is sent a snapshot, which carries the configuration, and never replays
+/// membership changes onto a configuration it does not have.
+pub(crate) fn initial_snapshot(voters: &[u64]) -> raft::eraftpb::Snapshot {
+    let mut snap = raft::eraftpb::Snapshot::default();
+    let meta = snap.mut_metadata();
+    meta.index = BOOTSTRAP_INDEX;
+    meta.term = BOOTSTRAP_TERM;
+    meta.mut_conf_state().voters = voters.to_vec();
+    snap.data = format::encode_snapshot(&State::new()).into();
+    snap
+}
+
+/// A member catching up since its data folder was begun (see the module
+/// essay): what leaders have told it so far.
+#[derive(Debug, Default)]
+struct CatchUp {
+    /// The highest commit index a leader sent (or snapshot index).
+    target: u64,
+    /// The tick it first heard from a leader.
+    heard_at: Option<u64>,
+}
 
 /// A read barrier waiting for its read index.
 struct ReadWait {
@@ -346,6 +444,9 @@ struct Driver {
     settings: RaftSettings,
     status: watch::Sender<RaftStatus>,
     removed: bool,
+    /// `Some` while this member catches up (it votes only in a brand-new
+    /// cluster's first election until then).
+    catch_up: Option<CatchUp>,
 }
 
 impl Driver {
@@ -393,7 +494,7 @@ impl Driver {
                 _ = shutdown.changed() => break Ok(()),
             }
             self.ask_reads();
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.on_ready().and_then(|()| Ok(self.check_caught_up()?)) {
                 // Storage failure, or an entry this node cannot apply: stop
                 // serving rather than diverge.
                 tracing::error!("stopping the raft driver: {e}");
@@ -448,7 +549,35 @@ impl Driver {
     }
 
     fn step(&mut self, mut m: Message) {
-        if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
+        use raft::eraftpb::MessageType as T;
+        if let Some(c) = &mut self.catch_up {
+            match m.get_msg_type() {
+                // A member that may have lost its data grants no vote to a
+                // candidate that holds more than the bootstrap: its empty
+                // log would let a candidate without acknowledged writes win.
+                T::MsgRequestVote | T::MsgRequestPreVote if m.index > BOOTSTRAP_INDEX => {
+                    tracing::debug!(
+                        candidate = m.from,
+                        term = m.term,
+                        "no vote while catching up with the leader"
+                    );
+                    return;
+                }
+                T::MsgAppend | T::MsgHeartbeat | T::MsgSnapshot
+                    if m.term >= self.node.raft.term =>
+                {
+                    let index = if m.get_msg_type() == T::MsgSnapshot {
+                        m.get_snapshot().get_metadata().index
+                    } else {
+                        m.commit
+                    };
+                    c.target = c.target.max(index);
+                    c.heard_at.get_or_insert(self.ticks);
+                }
+                _ => {}
+            }
+        }
+        if m.get_msg_type() == T::MsgHeartbeat {
             // A member whose data folder was wiped comes back with an empty
             // log while the leader still remembers it at a higher index; the
             // heartbeat's commit must not point past what this node holds
@@ -461,6 +590,31 @@ impl Driver {
         if let Err(e) = self.node.step(m) {
             tracing::debug!("raft message ignored: {e}");
         }
+    }
+
+    /// End the catch-up once this member holds what the leaders it heard
+    /// from had committed: it has heard from a leader for two election
+    /// timeouts (long enough for a stale, cut-off leader to have stepped
+    /// down: check-quorum) and applied the highest commit index they sent.
+    /// A member that is elected holds every committed entry already.
+    fn check_caught_up(&mut self) -> Result<(), StoreError> {
+        let Some(c) = &self.catch_up else {
+            return Ok(());
+        };
+        let window = 2 * self.settings.election_ticks as u64;
+        let leading = self.node.raft.state == StateRole::Leader;
+        let heard_long_enough = c.heard_at.is_some_and(|t| self.ticks >= t + window);
+        if !(leading || (heard_long_enough && self.applied >= c.target)) {
+            return Ok(());
+        }
+        self.storage.set_catching_up(false)?;
+        blocking(|| self.storage.flush())?;
+        tracing::info!(
+            applied = self.applied,
+            "caught up with the cluster: this member votes again"
+        );
+        self.catch_up = None;
+        Ok(())
     }
 
     fn not_leader(&self) -> ProposeError {
@@ -783,7 +937,13 @@ impl Driver {
 
     fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
         let since = self.applied.saturating_sub(self.last_snapshot);
-        if !snapshot_due(since, self.last_snapshot_at.elapsed(), &self.settings) {
+        // At once when raft-rs needs one to send (a member added since the
+        // last, or none yet: a data folder of an older scheduler, whose log
+        // starts at index 1 without the configuration).
+        let wanted = self.storage.take_snapshot_wanted() || self.last_snapshot == 0;
+        let due = (since > 0 && wanted)
+            || snapshot_due(since, self.last_snapshot_at.elapsed(), &self.settings);
+        if !due {
             return Ok(());
         }
         self.last_snapshot_at = std::time::Instant::now();
@@ -844,6 +1004,12 @@ impl Driver {
             },
             members,
             removed: self.removed,
+            voters_outgoing: {
+                let mut v = conf.voters_outgoing.clone();
+                v.sort_unstable();
+                v
+            },
+            catching_up: self.catch_up.is_some(),
         };
         self.status.send_if_modified(|old| {
             let changed = *old != st;

@@ -129,12 +129,19 @@ pub struct SledStorage {
     meta: sled::Tree,
     snapshot: sled::Tree,
     cache: Arc<Mutex<Cache>>,
+    /// raft-rs asked for a snapshot this storage could not give (none yet,
+    /// too old, or one whose configuration lacks the recipient): the driver
+    /// takes one at once (see [`SledStorage::take_snapshot_wanted`]).
+    wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAP_META: &str = "snap_meta";
 const SNAP_DATA: &str = "snap_data";
+/// Present while this member has not yet caught up with a leader since its
+/// data folder was begun (see `raft/mod.rs`, "A member that lost its data").
+const CATCHING_UP: &str = "catching_up";
 
 fn idx_key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
@@ -213,6 +220,7 @@ impl SledStorage {
             meta,
             snapshot,
             cache: Arc::default(),
+            wanted: Arc::default(),
         };
         s.move_snapshot_data()?;
         s.convert_entry_per_key_log()?;
@@ -308,7 +316,9 @@ impl SledStorage {
         Ok(self.cache().conf.is_none())
     }
 
-    /// Set the conf state of a brand-new node (its first members).
+    /// Set the conf state alone (the layout older schedulers bootstrapped
+    /// with: no snapshot, the log from index 1). Tests of the log use it.
+    #[cfg(test)]
     pub fn bootstrap(&self, voters: Vec<u64>) -> Result<(), StoreError> {
         let cs = ConfState {
             voters,
@@ -316,6 +326,38 @@ impl SledStorage {
         };
         self.set_conf_state(&cs)?;
         self.flush()
+    }
+
+    /// Begin a brand-new member's storage with the cluster's initial
+    /// snapshot (its first configuration and the empty state, see
+    /// `raft::initial_snapshot`), durably.
+    pub fn bootstrap_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        self.apply_snapshot(snap)?;
+        self.flush()
+    }
+
+    /// Whether this member is still catching up since its data folder was
+    /// begun (it does not vote for a candidate with data until it has).
+    pub fn catching_up(&self) -> Result<bool, StoreError> {
+        Ok(self.sled(self.meta.get(CATCHING_UP))?.is_some())
+    }
+
+    /// Mark (or unmark) this member as catching up; durable with the next
+    /// flush.
+    pub fn set_catching_up(&self, on: bool) -> Result<(), StoreError> {
+        if on {
+            self.sled(self.meta.insert(CATCHING_UP, &[1u8][..]))?;
+        } else {
+            self.sled(self.meta.remove(CATCHING_UP))?;
+        }
+        Ok(())
+    }
+
+    /// Whether raft-rs asked for a snapshot this storage could not give
+    /// since the last call (clears the request).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn read<M: protobuf::Message>(&self, key: &str) -> Result<Option<M>, StoreError> {
@@ -754,16 +796,30 @@ impl raft::Storage for SledStorage {
         Ok(self.cache().last)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let Some((meta, data)) = self.load_snapshot().map_err(store_err)? else {
-            return Err(raft::Error::Store(
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // raft-rs asks again on a later heartbeat; the driver takes a fresh
+        // snapshot meanwhile. A member added after the stored snapshot is
+        // not in its configuration and would refuse it (raft-rs's restore
+        // drops a snapshot that does not name the recipient).
+        let unavailable = || {
+            self.wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
-            ));
+            ))
         };
-        if meta.index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+        let Some((meta, data)) = self.load_snapshot().map_err(store_err)? else {
+            return unavailable();
+        };
+        let cs = meta.get_conf_state();
+        let names_recipient = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .chain(&cs.voters_outgoing)
+            .any(|id| *id == to);
+        if meta.index < request_index || !names_recipient {
+            return unavailable();
         }
         let mut s = Snapshot::default();
         s.set_metadata(meta);
@@ -864,9 +920,63 @@ mod tests {
             s.entries(5, 8, None, GetEntriesContext::empty(false)),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
-        let snap = s.snapshot(6, 2).unwrap();
+        let snap = s.snapshot(6, 1).unwrap();
         assert_eq!(snap.get_metadata().index, 6);
         assert_eq!(&snap.data[..], b"state");
+    }
+
+    /// A member added after the stored snapshot is not in its configuration
+    /// and would refuse it: raft-rs is told to ask again, and the driver is
+    /// told to take a fresh one.
+    #[test]
+    fn a_snapshot_that_does_not_name_the_recipient_is_not_given_and_a_new_one_is_wanted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert!(matches!(
+            s.snapshot(0, 1),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        assert!(s.take_snapshot_wanted(), "no snapshot at all");
+        assert!(!s.take_snapshot_wanted(), "the request is cleared");
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().mut_conf_state().voters = vec![1];
+        s.bootstrap_snapshot(&snap).unwrap();
+        assert_eq!(s.snapshot(0, 1).unwrap().get_metadata().index, 1);
+        assert!(!s.take_snapshot_wanted());
+        assert!(matches!(
+            s.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        assert!(s.take_snapshot_wanted(), "member 2 is not in it");
+        // The bootstrap is durable: the log starts after it.
+        drop(s);
+        let s = reopen(dir.path());
+        assert_eq!(s.first_index().unwrap(), 2);
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 1);
+        assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1]);
+    }
+
+    #[test]
+    fn the_catching_up_mark_is_durable_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            assert!(!s.catching_up().unwrap());
+            s.set_catching_up(true).unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert!(s.catching_up().unwrap());
+        s.set_catching_up(false).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        assert!(!reopen(dir.path()).catching_up().unwrap());
     }
 
     #[test]
