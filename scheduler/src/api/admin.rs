@@ -62,7 +62,13 @@ impl Admin for AdminService {
         let digest = cluster_digest(self.ctx.raft.state().digest(), &st);
         Ok(Response::new(pb::AdminStatusResponse {
             node_id: st.id,
-            role: st.role.to_string(),
+            // A member catching up since its data folder was begun does
+            // not vote yet (raft/mod.rs): say so.
+            role: if st.catching_up && !st.is_leader {
+                format!("{} (catching up, not voting)", st.role)
+            } else {
+                st.role.to_string()
+            },
             leader_id: st.leader,
             term: st.term,
             commit_index: st.commit,
