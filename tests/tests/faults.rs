@@ -387,6 +387,10 @@ struct Report {
     max_gap: Duration,
     max_unacked: Duration,
     restarted: usize,
+    /// job id → restart count, for jobs restarted.
+    restarts: BTreeMap<u64, u64>,
+    /// Nodes seen in a state other than `ready`.
+    not_ready: BTreeSet<String>,
 }
 
 impl Report {
@@ -413,6 +417,8 @@ impl Report {
             problems: seen.breaches.clone(),
             max_gap: gaps.iter().map(|g| g.1).max().unwrap_or_default(),
             max_unacked: Duration::ZERO,
+            restarts: BTreeMap::new(),
+            not_ready: seen.not_ready.iter().map(|n| n.0.clone()).collect(),
             restarted: 0,
         };
         for (name, id) in acked {
@@ -446,6 +452,7 @@ impl Report {
                 continue;
             }
             r.restarted += 1;
+            r.restarts.insert(*id, *restarts);
             if !nodes.iter().any(|n| lost_ok.contains(&n.as_str())) {
                 r.problems.push(format!(
                     "(a) job {id} restarted {restarts}x though its nodes {nodes:?} kept their agents"
@@ -782,11 +789,31 @@ fn agent_down_longer_than_a_lease_restarts_only_its_jobs() {
     let _one = serial();
     let mut r = Run::start(2);
     let lease = r.c.agent_lease();
-    settle(Duration::from_secs(4));
+    settle(Duration::from_secs(2));
+    // A gang over both nodes, surely running on node-1 when its agent dies.
+    let name = format!("{}-anchor", r.tag);
+    let script = format!("echo JOBMARK-{name}; sleep 8");
+    let args = [
+        "--name", &name, "--tasks", "2", "--gpus", "4", "--", "sh", "-c", &script,
+    ];
+    let anchor = r.c.submit(&args).expect("submit");
+    lock(&r.seen).acked.insert(name, anchor);
+    r.c.wait_state(anchor, "running", T)
+        .expect("anchor running");
     r.kill_agent(1, lease + Duration::from_secs(3));
     settle(Duration::from_secs(6));
     let report = r.finish(&["node-1"]);
-    println!("{} jobs restarted after node-1 was lost", report.restarted);
+    // The fault did what it should: the node was lost, its work moved.
+    assert!(
+        report.not_ready.contains("node-1"),
+        "node-1 was never seen lost"
+    );
+    assert!(report.restarted > 0, "no job of node-1 was restarted");
+    assert_eq!(
+        report.restarts.get(&anchor),
+        Some(&1),
+        "the gang over node-1 restarted once"
+    );
 }
 
 #[test]
