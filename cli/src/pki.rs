@@ -64,8 +64,23 @@ fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// How long a CA made by `muster admin ca init` is valid.
+pub const CA_VALIDITY: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
+
+/// Valid from an hour ago (hosts' clocks differ) for `validity`.
+fn set_validity(p: &mut CertificateParams, validity: std::time::Duration) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc();
+    let secs = i64::try_from(validity.as_secs()).context("validity too long")?;
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now
+        .checked_add(time::Duration::seconds(secs))
+        .context("validity too long")?;
+    Ok(())
+}
+
 fn ca_params() -> anyhow::Result<CertificateParams> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
+    set_validity(&mut p, CA_VALIDITY)?;
     p.distinguished_name.push(DnType::CommonName, CA_NAME);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
@@ -99,6 +114,7 @@ pub fn issue(
     kind: Kind,
     name: &str,
     sans: &[String],
+    validity: std::time::Duration,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) {
         bail!("name {name:?}: use 1-64 printable characters without spaces");
@@ -130,6 +146,7 @@ pub fn issue(
     names.sort();
     names.dedup();
     let mut p = CertificateParams::new(names)?;
+    set_validity(&mut p, validity)?;
     p.distinguished_name
         .push(DnType::CommonName, format!("{}:{name}", kind.prefix()));
     p.extended_key_usages = vec![
@@ -158,7 +175,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
-        let (cert, key) = issue(dir.path(), Kind::Agent, "node-0", &[]).unwrap();
+        let (cert, key) = issue(dir.path(), Kind::Agent, "node-0", &[], YEAR).unwrap();
         let pem = std::fs::read_to_string(&cert).unwrap();
         let der = pem_to_der(&pem);
         assert_eq!(
@@ -168,10 +185,47 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(issue(dir.path(), Kind::Agent, "node-0", &[]).is_err());
+        assert!(issue(dir.path(), Kind::Agent, "node-0", &[], YEAR).is_err());
         let other = tempfile::tempdir().unwrap();
-        let e = issue(other.path(), Kind::User, "alice", &[]).unwrap_err();
+        let e = issue(other.path(), Kind::User, "alice", &[], YEAR).unwrap_err();
         assert!(e.to_string().contains("muster admin ca init"), "{e}");
+    }
+
+    const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+    /// The `UTCTime` values of a certificate: not-before, not-after.
+    fn utc_times(der: &[u8]) -> Vec<time::OffsetDateTime> {
+        der.windows(15)
+            .filter(|w| w[0] == 0x17 && w[1] == 13 && w[14] == b'Z')
+            .filter_map(|w| {
+                let d = std::str::from_utf8(&w[2..14]).ok()?;
+                let n = |i: usize| d[i..i + 2].parse::<u8>().ok();
+                let date = time::Date::from_calendar_date(
+                    2000 + i32::from(n(0)?),
+                    time::Month::try_from(n(2)?).ok()?,
+                    n(4)?,
+                )
+                .ok()?;
+                let t = time::Time::from_hms(n(6)?, n(8)?, n(10)?).ok()?;
+                Some(time::PrimitiveDateTime::new(date, t).assume_utc())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn certificates_expire_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path()).unwrap();
+        let days = std::time::Duration::from_secs(90 * 86_400);
+        let (cert, _) = issue(dir.path(), Kind::User, "alice", &[], days).unwrap();
+        let der = pem_to_der(&std::fs::read_to_string(cert).unwrap());
+        let times = utc_times(&der);
+        assert_eq!(times.len(), 2, "not-before and not-after");
+        let lifetime = times[1] - time::OffsetDateTime::now_utc();
+        assert!(
+            (lifetime.whole_days() - 90).abs() <= 1,
+            "expires in {lifetime}"
+        );
     }
 
     /// The first PEM block's bytes.

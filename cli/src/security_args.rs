@@ -63,6 +63,10 @@ pub struct CertIssueArgs {
     /// Folder of the CA's files; the new files are written there too
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
+    /// How long the certificate is valid, e.g. 90d, 1y; daemons and the
+    /// CLI refuse it after that (issue a new one and restart the daemon)
+    #[arg(long, value_name = "DURATION", default_value = "365days", value_parser = humantime::parse_duration)]
+    pub expires: std::time::Duration,
 }
 
 const TOKEN_EXAMPLES: &str = "\

@@ -33,7 +33,7 @@ pub fn cert_issue(ctx: &Ctx, a: CertIssueArgs) -> anyhow::Result<()> {
         (_, _, Some(n)) => (pki::Kind::User, n),
         _ => anyhow::bail!("give --node, --agent or --user"),
     };
-    let (cert, key) = pki::issue(&a.dir, kind, &name, &a.san)?;
+    let (cert, key) = pki::issue(&a.dir, kind, &name, &a.san, a.expires)?;
     let ca = pki::ca_paths(&a.dir).0;
     if ctx.json() {
         return crate::json::print(&serde_json::json!({ "ca": ca, "cert": cert, "key": key }));
