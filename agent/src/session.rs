@@ -291,6 +291,7 @@ async fn session(
     };
     // No kill until this session's first assignment set has arrived.
     runtime.begin_session();
+    let register_sent = crate::task::fence::now_ms();
     send(&tx, pb::agent_message::Kind::Register(register)).await?;
     let mut inbound = client
         .session(ReceiverStream::new(rx))
@@ -322,6 +323,18 @@ async fn session(
         });
     }
     tracing::info!(scheduler = %addr, term = reg.term, "registered");
+    // The registration went through the leader's log: its answer renews the
+    // lease like an acknowledged heartbeat, so a task started before the
+    // first acknowledgement is fenced too. Nothing is thawed yet: revoked
+    // tasks are killed when the first assignment set arrives.
+    if let Some(path) = lease_file {
+        let lease = Duration::from_millis(reg.lease_ms).mul_f64(LEASE_SHARE);
+        if let Err(e) =
+            crate::task::fence::write_deadline(path, register_sent + lease.as_millis() as i64)
+        {
+            tracing::warn!("cannot write the lease file {}: {e}", path.display());
+        }
+    }
     let up: Result<(), SessionError> = async {
     for ev in runtime.replay_events() {
         send(&tx, event_to_pb(&ev)).await?;

@@ -107,10 +107,14 @@ pub async fn confirm_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
         .cfg
         .raft_tick
         .saturating_mul(ctx.cfg.heartbeat_ticks.max(1) as u32);
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.changed() => return,
+        // At once the first time, then every Raft heartbeat.
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
         }
         let (leader, term) = {
             let st = ctx.raft.status().borrow().clone();
