@@ -132,7 +132,7 @@ mod tests {
     #[test]
     fn unplaced_and_out_of_range_tasks_say_so() {
         let mut w = World::new(&[("n1", 8)]);
-        let id = w.submit(2, 8); // cannot fit: stays pending
+        let id = w.submit(2, 4); // never scheduled here: stays pending
         let err = ask(&w, &who("alice", false), id, 1).expect_err("pending");
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("has not been placed"), "{err}");

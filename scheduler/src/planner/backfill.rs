@@ -8,6 +8,8 @@
 //! job that starts early can never delay a reservation. A gang that could
 //! only fit once jobs without a limit end holds its nodes outright: nothing
 //! else starts there, so it cannot be starved by a stream of small jobs.
+//! A job that is stopping (cancelled, preempted, ended while some tasks
+//! still run) frees its resources now as far as planning goes.
 
 use super::placement::{choose_topo, tasks_fit, Cand, Cluster, Req, FOREVER};
 use crate::model::{JobState, TaskPlacement, TopologySpec};
@@ -29,6 +31,13 @@ pub struct Timeline {
     sorted: bool,
 }
 
+/// Whether a job that still holds resources is only stopping: ended,
+/// cancelled or preempted, its tasks are being killed. Its resources come
+/// back as soon as they have exited, whatever its time limit says.
+pub fn stopping(state: JobState) -> bool {
+    state.is_terminal() || state.is_stopping()
+}
+
 /// When a job that starts now would end.
 pub fn end_of(now_ms: i64, limit_secs: Option<u64>) -> i64 {
     match limit_secs {
@@ -48,7 +57,7 @@ impl Timeline {
             let Some(a) = job.alloc.as_ref() else {
                 continue;
             };
-            let at = if job.state == JobState::Preempting {
+            let at = if stopping(job.state) {
                 now_ms
             } else {
                 let start = if job.started_at_ms > 0 {

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 pub const MAX_NAME_LEN: usize = 128;
 
 /// Check a job spec before it is accepted: sizes, command, tenant, and that
-/// each task fits on at least one known node.
+/// the gang could run on the registered nodes ([`super::feasible`]).
 pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
     if spec.tasks == 0 {
         return Err("tasks must be at least 1".into());
@@ -50,62 +50,13 @@ pub fn validate_spec(state: &State, spec: &JobSpec) -> Result<(), String> {
     ) {
         return Err(format!("job can never start: {b}"));
     }
-    if !state.nodes.is_empty()
-        && !state
-            .nodes
-            .values()
-            .any(|n| node_can_ever_fit(n, &spec.per_task))
-    {
-        return Err(never_fits_reason(state, &spec.per_task));
+    // Judged against every registered node, whatever its state: drained,
+    // lost and unhealthy nodes may come back.
+    let nodes: Vec<&Node> = state.nodes.values().collect();
+    if let Some(why) = super::feasible::never_fits(&nodes, spec) {
+        return Err(format!("job can never start: {why}"));
     }
     Ok(())
-}
-
-fn never_fits_reason(state: &State, r: &Resources) -> String {
-    let max_gpus = state
-        .nodes
-        .values()
-        .map(|n| n.gpus.len())
-        .max()
-        .unwrap_or(0);
-    let max_cpu = state
-        .nodes
-        .values()
-        .map(|n| n.cpu_millis)
-        .max()
-        .unwrap_or(0);
-    let max_mem = state
-        .nodes
-        .values()
-        .map(|n| n.memory_bytes)
-        .max()
-        .unwrap_or(0);
-    if r.gpus as usize > max_gpus {
-        format!(
-            "a task asks for {} GPUs but the largest node has {max_gpus}",
-            r.gpus
-        )
-    } else if r.cpu_millis > max_cpu {
-        format!(
-            "a task asks for {} CPUs but the largest node has {}",
-            r.cpu_millis as f64 / 1000.0,
-            max_cpu as f64 / 1000.0
-        )
-    } else if r.memory_bytes > max_mem {
-        format!(
-            "a task asks for {} bytes of memory but the largest node has {max_mem}",
-            r.memory_bytes
-        )
-    } else {
-        "no node can ever hold one task of this job".into()
-    }
-}
-
-/// Whether an empty node could hold one task.
-pub fn node_can_ever_fit(node: &Node, r: &Resources) -> bool {
-    node.gpus.len() >= r.gpus as usize
-        && node.cpu_millis >= r.cpu_millis
-        && node.memory_bytes >= r.memory_bytes
 }
 
 /// Tenant names: `a-z0-9-_` segments separated by `/`.

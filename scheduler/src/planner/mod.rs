@@ -24,11 +24,13 @@
 //! imports nothing async, does no I/O and reads no clock.
 
 pub mod backfill;
+pub mod feasible;
 pub mod fit;
 pub mod placement;
 pub mod preempt;
 pub mod queue;
 pub mod quota;
+pub mod short;
 mod verdict;
 
 pub use verdict::{format_time, Verdict};
@@ -211,19 +213,37 @@ impl Pass<'_> {
         if let Some(v) = self.try_reserve(job, &req) {
             return Some(v);
         }
-        Some(match miss {
-            Miss::Room(room) => Verdict::NoRoom {
-                tasks: req.tasks,
-                per_task: req.per_task,
-                slots_free: room,
-            },
-            Miss::Group { label, best } => Verdict::NoRoomInGroup {
-                tasks: req.tasks,
-                per_task: req.per_task,
-                label,
-                best,
-            },
-        })
+        Some(self.no_room(&req, end, miss))
+    }
+
+    /// Why a gang has no room now, naming what is short.
+    fn no_room(&self, req: &Req, end: i64, miss: Miss) -> Verdict {
+        let cl = &self.cl;
+        let usable = |i: u32| cl.usable(i, end);
+        let (tasks, r) = (req.tasks, &req.per_task);
+        match miss {
+            Miss::Room(_) => {
+                let all: Vec<u32> = (0..cl.nodes.len() as u32).collect();
+                let lack = short::lack(cl, &all, usable, tasks, r);
+                Verdict::NoRoom {
+                    tasks,
+                    per_task: *r,
+                    slots_free: lack.room,
+                    lack,
+                }
+            }
+            Miss::Group { label, best } => {
+                let closest = short::best_group(cl, &label, usable, r)
+                    .map(|(v, nodes)| (v, short::lack(cl, &nodes, usable, tasks, r)));
+                Verdict::NoRoomInGroup {
+                    tasks,
+                    per_task: *r,
+                    label,
+                    best,
+                    closest,
+                }
+            }
+        }
     }
 
     fn place(&mut self, job: &Job, req: &Req, picks: &[(u32, u32)], end: i64) {
@@ -288,7 +308,7 @@ impl Pass<'_> {
             return None;
         }
         self.preemptors += 1;
-        let (orders, picks) = preempt::find(
+        let found = preempt::find(
             self.state,
             self.policy,
             &self.cl,
@@ -297,13 +317,68 @@ impl Pass<'_> {
             &self.taken,
             self.now_ms,
         )?;
-        for (i, _) in &picks {
-            self.cl.reserve(*i, FOREVER);
+        match found {
+            preempt::Found::Now(orders, picks) => {
+                for (i, _) in &picks {
+                    self.cl.reserve(*i, FOREVER);
+                }
+                let ids: Vec<JobId> = orders.iter().map(|o| o.victim).collect();
+                self.taken.extend(ids.iter().copied());
+                self.out.preemptions.extend(orders);
+                Some(Verdict::WaitingForPreemption(ids))
+            }
+            preempt::Found::Later {
+                victims,
+                at_ms,
+                picks,
+            } => {
+                // Held like a reservation starting when the protection
+                // ends: only jobs that end by then may use the nodes.
+                self.hold(job, at_ms, &picks);
+                self.taken.extend(victims.iter().copied());
+                Some(Verdict::PreemptionPlanned {
+                    victims,
+                    at_ms,
+                    now_ms: self.now_ms,
+                })
+            }
         }
-        let ids: Vec<JobId> = orders.iter().map(|o| o.victim).collect();
-        self.taken.extend(ids.iter().copied());
-        self.out.preemptions.extend(orders);
-        Some(Verdict::WaitingForPreemption(ids))
+    }
+
+    /// Reserve `picks` for `job` from `start`: a [`Reservation`].
+    fn hold(&mut self, job: &Job, start: i64, picks: &[(u32, u32)]) -> Vec<String> {
+        let nodes: Vec<String> = picks
+            .iter()
+            .map(|(i, _)| self.cl.nodes[*i as usize].name.clone())
+            .collect();
+        for (i, _) in picks {
+            self.cl.reserve(*i, start);
+        }
+        self.out.reservations.push(Reservation {
+            job: job.id,
+            start_ms: start,
+            nodes: nodes.clone(),
+        });
+        nodes
+    }
+
+    /// Jobs that are stopping (see [`backfill::stopping`]) and hold
+    /// resources on `nodes`.
+    fn stopping_on(&self, nodes: &[String]) -> Vec<(JobId, JobState)> {
+        let state = self.state;
+        state
+            .active
+            .iter()
+            .filter_map(|id| state.jobs.get(id))
+            .filter(|j| backfill::stopping(j.state))
+            .filter(|j| {
+                j.alloc
+                    .iter()
+                    .flat_map(|a| &a.tasks)
+                    .any(|t| t.state.holds_resources() && nodes.contains(&t.placement.node))
+            })
+            .map(|j| (j.id, j.state))
+            .collect()
     }
 
     fn try_reserve(&mut self, job: &Job, req: &Req) -> Option<Verdict> {
@@ -323,18 +398,14 @@ impl Pass<'_> {
             tl
         });
         let (start, picks) = tl.reserve(&self.cl, req, job.spec.topology.as_ref())?;
-        let nodes: Vec<String> = picks
-            .iter()
-            .map(|(i, _)| self.cl.nodes[*i as usize].name.clone())
-            .collect();
-        for (i, _) in &picks {
-            self.cl.reserve(*i, start);
+        let nodes = self.hold(job, start, &picks);
+        if start <= self.now_ms {
+            // It fits once stopping jobs are gone: say which.
+            let dying = self.stopping_on(&nodes);
+            if !dying.is_empty() {
+                return Some(Verdict::WaitingForStop(dying));
+            }
         }
-        self.out.reservations.push(Reservation {
-            job: job.id,
-            start_ms: start,
-            nodes: nodes.clone(),
-        });
         Some(Verdict::Reserved {
             start_ms: start,
             now_ms: self.now_ms,
@@ -359,6 +430,8 @@ pub fn queue_order(state: &State, policy: &Policy) -> Vec<JobId> {
     queue::order(state, policy)
 }
 
+#[cfg(test)]
+mod messages;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

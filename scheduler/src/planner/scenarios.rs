@@ -7,16 +7,16 @@ use crate::model::{JobId, JobSpec, JobState, Tenant, TopologySpec};
 use crate::state::tests::{node, spec, World};
 use crate::state::{ApplyResult, Command, TenantPatch};
 
-const MIN: i64 = 60_000;
+pub(super) const MIN: i64 = 60_000;
 
 /// A world with a policy, a clock in milliseconds, and the leader's moves.
-struct Sim {
-    w: World,
-    policy: Policy,
+pub(super) struct Sim {
+    pub(super) w: World,
+    pub(super) policy: Policy,
 }
 
 impl Sim {
-    fn new(nodes: &[(&str, u32)]) -> Sim {
+    pub(super) fn new(nodes: &[(&str, u32)]) -> Sim {
         let mut w = World::new(nodes);
         w.now = 1_000_000;
         Sim {
@@ -28,7 +28,7 @@ impl Sim {
         }
     }
 
-    fn tenant(&mut self, name: &str, guarantee: u32, limit: Option<u32>, weight: u32) {
+    pub(super) fn tenant(&mut self, name: &str, guarantee: u32, limit: Option<u32>, weight: u32) {
         let r = self.w.s.apply(&Command::CreateTenant {
             tenant: Box::new(Tenant {
                 guarantee_gpus: guarantee,
@@ -41,7 +41,13 @@ impl Sim {
         assert_eq!(r, ApplyResult::Applied, "create {name}");
     }
 
-    fn job(&mut self, tenant: &str, tasks: u32, gpus: u32, f: impl FnOnce(&mut JobSpec)) -> JobId {
+    pub(super) fn job(
+        &mut self,
+        tenant: &str,
+        tasks: u32,
+        gpus: u32,
+        f: impl FnOnce(&mut JobSpec),
+    ) -> JobId {
         let mut s = JobSpec {
             tenant: tenant.into(),
             ..spec(tasks, gpus)
@@ -59,7 +65,7 @@ impl Sim {
     }
 
     /// One leader pass: plan, record preemptions, apply placements, start them.
-    fn pass(&mut self) -> Plan {
+    pub(super) fn pass(&mut self) -> Plan {
         let p = plan(&self.w.s, &self.policy, self.w.now);
         let now = self.w.now;
         if !p.preemptions.is_empty() {
@@ -84,7 +90,7 @@ impl Sim {
     }
 
     /// Let time pass: tasks past their limit and preempted tasks exit.
-    fn advance(&mut self, ms: i64) {
+    pub(super) fn advance(&mut self, ms: i64) {
         self.w.now += ms;
         let now = self.w.now;
         let ids: Vec<JobId> = self.w.s.active.iter().copied().collect();
@@ -115,7 +121,7 @@ impl Sim {
         });
     }
 
-    fn state(&self, id: JobId) -> JobState {
+    pub(super) fn state(&self, id: JobId) -> JobState {
         self.w.s.jobs[&id].state
     }
 }
@@ -268,10 +274,13 @@ fn borrowing_then_reclaim() {
     let y = s.job("y", 1, 4, |_| {});
     let p = s.pass();
     assert!(p.preemptions.is_empty(), "min runtime protects");
+    // ... and y is told whom it will preempt, and when.
+    let text = p.verdicts[&y].to_string();
     assert!(
-        p.verdicts[&y].to_string().starts_with("reserved"),
-        "{}",
-        p.verdicts[&y]
+        text.starts_with("will preempt jobs ")
+            && text.contains("when their minimum runtime ends at")
+            && text.ends_with("(in 5m)"),
+        "{text}"
     );
     s.advance(6 * MIN);
     let p = s.pass();
@@ -300,17 +309,20 @@ fn borrowing_then_reclaim() {
 
 #[test]
 fn higher_priority_preempts_lower_but_only_if_it_then_fits() {
-    let mut s = Sim::new(&[("a", 8)]);
+    let mut s = Sim::new(&[("a", 8), ("b", 8)]);
     let low: Vec<JobId> = (0..2)
         .map(|_| s.job("default", 1, 4, |j| j.priority = "low".into()))
         .collect();
+    s.pass();
+    // Node b runs a high job, which no other high job may preempt.
+    s.job("default", 1, 8, |j| j.priority = "high".into());
     s.pass();
     s.advance(10 * MIN);
     let too_big = s.job("default", 2, 8, |j| j.priority = "high".into());
     let p = s.pass();
     assert!(
         p.preemptions.is_empty(),
-        "a 16-GPU gang cannot fit on 8 GPUs"
+        "a 16-GPU gang cannot fit on the 8 GPUs preemption could free"
     );
     assert!(p.verdicts.contains_key(&too_big));
     s.w.s.apply(&Command::Cancel {
@@ -458,8 +470,9 @@ fn topology_keeps_gangs_in_one_block_and_gpus_in_one_link_group() {
     let p = s.pass();
     assert_eq!(
         p.verdicts[&stuck].to_string(),
-        "needs 2 task(s) of 8 GPU(s), 1 CPU(s), 1024 MiB in one block; \
-         at most 1 available in any block"
+        "needs 2 tasks of 8 GPUs, 1 CPU, 1 GiB in one block; \
+         at most 1 available in any block (closest is block z with 1 ready node: \
+         short of GPUs (8 free, at most 8 on one node))"
     );
     // Within a node: link groups are GPUs 0-3 and 4-7 (see `state::tests::node`).
     let first = s.w.s.jobs[&JobId(1)].alloc.as_ref().unwrap().tasks[0]

@@ -12,9 +12,15 @@ fn plan(s: &State) -> Plan {
 
 #[test]
 fn gang_is_all_or_nothing() {
-    let mut w = World::new(&[("a", 4), ("b", 2)]);
-    let big = w.submit(2, 4); // needs two 4-GPU slots; only one exists
-    let plan = plan(&w.s);
+    let mut w = World::new(&[("a", 4), ("b", 4)]);
+    w.submit(1, 2);
+    w.schedule();
+    let big = w.submit(2, 4); // needs two 4-GPU slots; only one is free
+    let raw = Policy {
+        reservations: 0, // the raw verdict, not a reservation
+        ..Policy::default()
+    };
+    let plan = super::plan(&w.s, &raw, 1_000_000);
     assert!(plan.placements.is_empty());
     match &plan.verdicts[&big] {
         Verdict::NoRoom { slots_free, .. } => assert_eq!(*slots_free, 1),
@@ -22,7 +28,8 @@ fn gang_is_all_or_nothing() {
     }
     let text = plan.verdicts[&big].to_string();
     assert!(
-        text.contains("needs 2 task(s) of 4 GPU(s)") && text.contains("room for 1"),
+        text.contains("needs 2 tasks of 4 GPUs")
+            && text.contains("room for 1 now: short of GPUs (6 free, at most 4 on one node)"),
         "{text}"
     );
 }
