@@ -225,6 +225,22 @@ fn a_protected_victim_is_named_with_the_end_of_its_protection() {
 }
 
 #[test]
+fn a_protected_victim_that_ends_first_is_waited_for_not_preempted() {
+    let mut s = Sim::new(&[("a", 8)]);
+    let low = s.job("default", 1, 8, |j| {
+        j.priority = "low".into();
+        j.time_limit_secs = Some(120);
+    });
+    s.pass();
+    s.advance(MIN);
+    let high = s.job("default", 1, 8, |j| j.priority = "high".into());
+    let p = s.pass();
+    let text = p.verdicts[&high].to_string();
+    assert!(text.starts_with("reserved to start at "), "{text}");
+    assert!(!text.contains(&format!("preempt job {low}")), "{text}");
+}
+
+#[test]
 fn a_job_still_being_killed_is_named_as_what_is_waited_for() {
     let mut s = Sim::new(&[("a", 8)]);
     let hog = s.job("default", 1, 8, |_| {});

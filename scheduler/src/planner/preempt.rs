@@ -93,6 +93,12 @@ pub fn find(
     let (n, picks) = first_fit(cl, job, &every, now_ms)?;
     let kept: Vec<&Victim> = on_picked(cl, &every[..=n], &picks).collect();
     let at_ms = kept.iter().map(|v| v.protected_until).max()?.max(now_ms);
+    // Victims that reach their time limit by then free the room anyway:
+    // a reservation says so better than a preemption.
+    let ends = |v: &&Victim| super::backfill::end_of(start_of(v.job), v.job.spec.time_limit_secs);
+    if kept.iter().all(|v| ends(v) <= at_ms) {
+        return None;
+    }
     let mut victims: Vec<JobId> = kept.iter().map(|v| v.job.id).collect();
     victims.sort();
     Some(Found::Later {
