@@ -140,18 +140,19 @@ pub fn best_group(
 
 /// `: short of GPUs (…) and memory (…)`, or where the room went.
 pub fn describe(lack: &Lack, r: &Resources) -> String {
-    let mut out = if lack.usable == 0 {
-        String::new()
-    } else if lack.short.is_empty() {
+    if lack.usable == 0 {
+        return ": every ready node it could use is held for other jobs".into();
+    }
+    let mut out = if lack.short.is_empty() {
         let mut kinds = vec![];
         if r.gpus > 0 {
             kinds.push("GPUs");
         }
         kinds.extend(["CPUs", "memory"]);
+        let (last, rest) = kinds.split_last().unwrap_or((&"memory", &[]));
         format!(
-            ": enough free {} {} in all, but not together on the same nodes",
-            kinds[..kinds.len() - 1].join(", "),
-            format_args!("and {}", kinds[kinds.len() - 1])
+            ": enough free {} and {last} in all, but not together on the same nodes",
+            rest.join(", ")
         )
     } else {
         let parts: Vec<String> = lack.short.iter().map(|s| s.to_string()).collect();
@@ -160,11 +161,42 @@ pub fn describe(lack: &Lack, r: &Resources) -> String {
     if lack.held > 0 {
         let s = if lack.held == 1 { "" } else { "s" };
         let verb = if lack.held == 1 { "is" } else { "are" };
-        let sep = if out.is_empty() { ":" } else { ";" };
         out.push_str(&format!(
-            "{sep} {} node{s} with room {verb} held for other jobs",
+            "; {} node{s} with room {verb} held for other jobs",
             lack.held
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_nodes_are_named_as_the_reason() {
+        let r = Resources {
+            gpus: 0,
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+        };
+        let all_held = Lack {
+            held: 2,
+            ..Lack::default()
+        };
+        assert_eq!(
+            describe(&all_held, &r),
+            ": every ready node it could use is held for other jobs"
+        );
+        let mixed = Lack {
+            usable: 1,
+            held: 1,
+            ..Lack::default()
+        };
+        assert_eq!(
+            describe(&mixed, &r),
+            ": enough free CPUs and memory in all, but not together on the same nodes; \
+             1 node with room is held for other jobs"
+        );
+    }
 }
