@@ -14,10 +14,16 @@
 //! 2. places it all or nothing, topology-aware and best fit
 //!    ([`placement`]), on nodes it may use;
 //! 3. if there is no room, tries to make room by preempting whole gangs of
-//!    lower priority or borrowed capacity ([`preempt`]);
+//!    lower priority or borrowed capacity ([`preempt`]); when only gangs
+//!    still within `min_runtime` would do, it holds their nodes from the
+//!    end of that protection;
 //! 4. else reserves the nodes it will get when running jobs reach their
-//!    time limits ([`backfill`]); smaller jobs behind it may start only if
-//!    they end before that.
+//!    time limits or finish stopping ([`backfill`]); smaller jobs behind it
+//!    may start only if they end before that;
+//! 5. else says what is short ([`short`]).
+//!
+//! Gangs that could never run, even on an empty cluster, are refused at
+//! submit ([`feasible`]), so none of this is asked of them.
 //!
 //! Every job that does not start gets a [`Verdict`] in words the CLI prints
 //! as-is (`muster why`): a rejection is data, not an error. The planner
