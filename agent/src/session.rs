@@ -81,6 +81,9 @@ const LEASE_SHARE: f64 = 0.9;
 const MAX_UNACKED: usize = 64;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest wait for a registration's answer (a commit through the
+/// leader's log: milliseconds when all is well).
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first wait before trying a member again, and the wait after a member
 /// that answered but knew no leader (an election is under way).
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -293,16 +296,30 @@ async fn session(
     runtime.begin_session();
     let register_sent = crate::task::fence::now_ms();
     send(&tx, pb::agent_message::Kind::Register(register)).await?;
-    let mut inbound = client
-        .session(ReceiverStream::new(rx))
+    // A stopped scheduler's kernel still accepts the connection: without a
+    // deadline the agent would wait on it for as long as it stays stopped,
+    // while the new leader marks the node lost.
+    let opened = async {
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| {
+                let mut e = SessionError::from(e);
+                e.message = format!("session refused: {}", e.message);
+                e
+            })?
+            .into_inner();
+        let first = inbound.message().await?;
+        Ok::<_, SessionError>((inbound, first))
+    };
+    let (mut inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, opened)
         .await
-        .map_err(|e| {
-            let mut e = SessionError::from(e);
-            e.message = format!("session refused: {}", e.message);
-            e
-        })?
-        .into_inner();
-    let first = inbound.message().await?;
+        .map_err(|_| {
+            format!(
+                "no answer to the registration within {}s (the scheduler may be stalled)",
+                REGISTER_TIMEOUT.as_secs()
+            )
+        })??;
     let Some(pb::SchedulerMessage {
         kind: Some(pb::scheduler_message::Kind::Registered(reg)),
     }) = first

@@ -65,7 +65,7 @@ async fn plan_once(ctx: &Ctx, term: u64) {
             orders: plan.preemptions,
             at_ms: now,
         };
-        if let Err(e) = ctx.raft.propose(cmd).await {
+        if let Err(e) = ctx.raft.propose_as_leader(cmd).await {
             tracing::debug!("preemption not proposed: {e}");
         }
     }
@@ -77,7 +77,7 @@ async fn plan_once(ctx: &Ctx, term: u64) {
         at_ms: now,
         placements: plan.placements,
     };
-    match ctx.raft.propose(cmd).await {
+    match ctx.raft.propose_as_leader(cmd).await {
         Ok(ApplyResult::Planned { placed, rejected }) => {
             tracing::debug!(
                 placed = placed.len(),
@@ -139,13 +139,30 @@ pub async fn confirm_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
 pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let lease = ctx.cfg.agent_lease;
     let mut was_leader = false;
+    let mut was_confirmed = false;
     let mut last_accrual = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HOUSEKEEPING_INTERVAL) => {}
             _ = shutdown.changed() => return,
         }
-        let is_leader = ctx.raft.status().borrow().is_leader;
+        let (is_leader, term) = {
+            let st = ctx.raft.status().borrow().clone();
+            (st.is_leader, st.term)
+        };
+        // Leases are judged only under a leadership a quorum confirmed
+        // lately: a leader that stalled (SIGSTOP, a frozen VM, a disk that
+        // hung) wakes with stale leases and may have been deposed meanwhile.
+        let confirmed = is_leader && ctx.leadership_confirmed(term);
+        if confirmed && !was_confirmed {
+            // Newly (or again) confirmed: every node gets a full lease
+            // before it is judged; agents were unacknowledged meanwhile.
+            let state_nodes: Vec<String> = ctx.raft.state().nodes.keys().cloned().collect();
+            for n in state_nodes {
+                ctx.touch(&n);
+            }
+        }
+        was_confirmed = confirmed;
         if is_leader && !was_leader {
             // A new leader gives every node a full lease before judging it.
             let state_nodes: Vec<String> = ctx.raft.state().nodes.keys().cloned().collect();
@@ -173,12 +190,15 @@ pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool
                 at_ms: now_ms(),
                 half_life_secs: sched.fair_share_half_life.as_secs().max(1),
             };
-            if let Err(e) = ctx.raft.propose(cmd).await {
+            if let Err(e) = ctx.raft.propose_as_leader(cmd).await {
                 tracing::debug!("usage accrual not applied: {e}");
             }
         }
+        if !confirmed {
+            continue;
+        }
         for cmd in due_commands(&ctx, lease) {
-            if let Err(e) = ctx.raft.propose(cmd).await {
+            if let Err(e) = ctx.raft.propose_as_leader(cmd).await {
                 tracing::debug!("housekeeping command not applied: {e}");
             }
         }

@@ -817,11 +817,6 @@ fn agent_down_longer_than_a_lease_restarts_only_its_jobs() {
 }
 
 #[test]
-#[ignore = "issue 11 bug (fails 3 runs in 4): a leader woken from SIGSTOP marks every node lost from \
-            its stale lease memory and, deposed between two proposals, forwards the second NodeLost to \
-            the new leader, which applies it (scheduler/src/leader.rs due_commands); and an agent that \
-            dials the stalled member waits, without a timeout, until it resumes \
-            (agent/src/session.rs session(): no deadline on the registration)"]
 fn leader_stalled_longer_than_a_lease_restarts_nothing() {
     let _one = serial();
     let mut r = Run::start(2);

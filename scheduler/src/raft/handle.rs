@@ -86,6 +86,15 @@ impl RaftHandle {
         forwarder.propose(leader, data).await
     }
 
+    /// Propose `cmd` here and only here: for the leader's own commands
+    /// (plans, preemptions, lost nodes, time-outs), which only the leader
+    /// may decide. A node that is no longer the leader gets
+    /// [`ProposeError::NotLeader`]; the command is never forwarded to the
+    /// new leader, which judges for itself.
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<ApplyResult, ProposeError> {
+        self.propose_local(cmd.encode()).await
+    }
+
     /// Propose on this node only (the leader's side of a forwarded proposal):
     /// `data` is an encoded command.
     pub async fn propose_local(&self, data: Vec<u8>) -> Result<ApplyResult, ProposeError> {
