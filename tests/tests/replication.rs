@@ -9,16 +9,26 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
+/// Three schedulers and one agent with 4 GPUs, one of which a long job
+/// holds for an hour: the 4-GPU jobs the tests submit queue (a job that
+/// could never run, like a 2 × 4-GPU gang here, is refused at submit), and
+/// short jobs with a time limit backfill.
 fn three(spec: ClusterSpec) -> Cluster {
-    Cluster::start(ClusterSpec {
+    let c = Cluster::start(ClusterSpec {
         schedulers: 3,
         agents: 1,
         ..spec
     })
-    .expect("cluster")
+    .expect("cluster");
+    let blocker = c
+        .submit(&["--gpus", "1", "--time", "1h", "--", "sleep", "3600"])
+        .expect("submit the blocker");
+    c.wait_state(blocker, "running", T)
+        .expect("blocker running");
+    c
 }
 
-/// Submit `--tasks 2 --gpus 4` jobs (they queue: one agent has 4 GPUs)
+/// Submit `--gpus 4` jobs (they queue behind the blocker)
 /// named `sub-N` in a loop until stopped; returns name → acknowledged id.
 fn submitter(
     c: &Cluster,
@@ -35,7 +45,7 @@ fn submitter(
             let name = format!("sub-{n}");
             let out = std::process::Command::new(&muster)
                 .args(["--addr", &addr, "--json", "submit", "--name", &name])
-                .args(["--tasks", "2", "--gpus", "4", "--", "true"])
+                .args(["--gpus", "4", "--", "true"])
                 .output();
             match out {
                 Ok(o) if o.status.success() => {
@@ -126,12 +136,9 @@ fn restarting_every_node_at_once_keeps_identical_state() {
     let mut c = three(ClusterSpec::default());
     let mut ids = BTreeSet::new();
     for _ in 0..20 {
-        ids.insert(
-            c.submit(&["--tasks", "2", "--gpus", "4", "--", "true"])
-                .unwrap(),
-        );
+        ids.insert(c.submit(&["--gpus", "4", "--", "true"]).unwrap());
     }
-    let done = c.submit(&["--", "true"]).unwrap();
+    let done = c.submit(&["--time", "1m", "--", "true"]).unwrap();
     c.wait_state(done, "completed", T).unwrap();
     c.wait_converged(T).expect("converged");
     let before = c.json(&["queue", "--all"]).unwrap();
@@ -205,16 +212,14 @@ fn a_wiped_node_rejoins_through_a_snapshot() {
         ..ClusterSpec::default()
     });
     for _ in 0..60 {
-        c.submit(&["--tasks", "2", "--gpus", "4", "--", "true"])
-            .unwrap();
+        c.submit(&["--gpus", "4", "--", "true"]).unwrap();
     }
     c.wait_converged(T).unwrap();
     let victim = (0..3).find(|i| Some(*i) != c.leader()).unwrap();
     c.kill_scheduler_node(victim);
     std::fs::remove_dir_all(c.path(&format!("scheduler-{victim}-data"))).unwrap();
     for _ in 0..30 {
-        c.submit(&["--tasks", "2", "--gpus", "4", "--", "true"])
-            .unwrap();
+        c.submit(&["--gpus", "4", "--", "true"]).unwrap();
     }
     c.start_scheduler_node(victim).unwrap();
     c.wait_converged(T).expect("the wiped node caught up");
@@ -335,9 +340,7 @@ fn a_cut_off_leader_stops_taking_writes_and_the_cluster_heals() {
         // Writes through the majority succeed.
         let addr = c.sched_addrs[new].clone();
         let out = std::process::Command::new(muster_tests::binary("muster"))
-            .args([
-                "--addr", &addr, "submit", "--tasks", "2", "--gpus", "4", "--", "true",
-            ])
+            .args(["--addr", &addr, "submit", "--gpus", "4", "--", "true"])
             .output()
             .unwrap();
         assert!(
@@ -371,7 +374,7 @@ fn reads_are_linearizable_and_stale_reads_are_opt_in() {
     // A write through one follower is visible at once through the other.
     let out = muster(
         &c.sched_addrs[followers[0]],
-        &["submit", "--tasks", "2", "--gpus", "4", "--", "true"],
+        &["submit", "--gpus", "4", "--", "true"],
     );
     assert!(
         out.status.success(),

@@ -100,14 +100,20 @@ fn queued_spec() -> JobSpec {
     }
 }
 
+/// Three schedulers and two 8-GPU agents, one GPU held by a long job: the
+/// benchmarks' 2 × 8-GPU jobs queue behind it (a gang that could never run
+/// would be refused at submit).
 fn three_schedulers() -> anyhow::Result<muster_tests::Cluster> {
-    muster_tests::Cluster::start(muster_tests::ClusterSpec {
+    let c = muster_tests::Cluster::start(muster_tests::ClusterSpec {
         schedulers: 3,
-        agents: 1,
+        agents: 2,
         gpus_per_agent: 8,
         cgroups: false,
         ..Default::default()
-    })
+    })?;
+    let blocker = c.submit(&["--gpus", "1", "--", "sleep", "86400"])?;
+    c.wait_state(blocker, "running", Duration::from_secs(30))?;
+    Ok(c)
 }
 
 async fn concurrent(args: &[String]) -> anyhow::Result<()> {
