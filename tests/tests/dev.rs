@@ -205,7 +205,8 @@ fn commands(block: &str) -> Vec<String> {
     out
 }
 
-/// Every command of the README's "Using it" section, and its job.toml, run
+/// Every command of the README's "Using it" section and its job.toml, then
+/// its tenant tree, run
 /// as written against `muster dev` with its defaults: the first hour of a
 /// new user (issue 12). A command may need a moment (logs of a task that is
 /// starting), so each is retried for a while; it must then succeed.
@@ -228,7 +229,11 @@ fn the_readme_examples_run_on_muster_dev() {
         .expect("the first line names the command")
         .to_string();
     cmds.push(from_file);
-    assert!(cmds.len() >= 10, "found {cmds:?}");
+    // The tenant tree of "Tenants, priorities and why a job waits" (its
+    // second block's 4 x 8 and 8 x 8 gangs need a real cluster).
+    let tenants = readme_blocks("Tenants, priorities", "sh");
+    cmds.extend(commands(&tenants[0]));
+    assert!(cmds.len() >= 18, "found {cmds:?}");
     let bin_dir = binary("muster").parent().unwrap().to_path_buf();
     let path = format!(
         "{}:{}",
