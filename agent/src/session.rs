@@ -82,8 +82,15 @@ const MAX_UNACKED: usize = 64;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest wait for a registration's answer (a commit through the
-/// leader's log: milliseconds when all is well).
+/// leader's log: milliseconds when all is well) before the first session;
+/// after it, a fifth of the lease (see [`register_timeout`]).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long to wait for a registration's answer given the scheduler's
+/// lease: short enough that a stalled member costs little of it.
+fn register_timeout(lease_ms: u64) -> Duration {
+    Duration::from_millis(lease_ms / 5).clamp(Duration::from_millis(500), REGISTER_TIMEOUT)
+}
 /// The first wait before trying a member again, and the wait after a member
 /// that answered but knew no leader (an election is under way).
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -100,6 +107,7 @@ pub async fn run(
 ) {
     let mut fence = Fence::load(cfg.fence_path.clone());
     let mut dialer = Dialer::new(cfg.schedulers.clone(), jitter_seed());
+    let mut wait_registered = REGISTER_TIMEOUT;
     loop {
         let (addr, at) = dialer.pick(tokio::time::Instant::now().into_std());
         tokio::select! {
@@ -108,7 +116,7 @@ pub async fn run(
         }
         let lost = std::time::Instant::now();
         tokio::select! {
-            r = session(&addr, &node, &runtime, &mut events, &mut fence, cfg.lease_file.as_deref()) => match r {
+            r = session(&addr, &node, &runtime, &mut events, &mut fence, cfg.lease_file.as_deref(), &mut wait_registered) => match r {
                 Ok(()) => return, // the runtime's event channel closed: shutting down
                 Err(e) => {
                     tracing::warn!(scheduler = %addr, leader = ?e.leader, "session ended: {}", e.message);
@@ -137,7 +145,23 @@ struct Dialer {
     /// Per address: its current backoff and the earliest time to dial it.
     waits: std::collections::HashMap<String, (Duration, std::time::Instant)>,
     hint: Option<String>,
+    /// The member whose session was lost last, and when: hints naming it
+    /// are ignored for a while (followers name a stalled or dead leader
+    /// until they have elected another).
+    lost: Option<(String, std::time::Instant)>,
     rng: u64,
+}
+
+/// The same scheduler, however its address is spelled (with or without a
+/// scheme: the configuration and a leader hint may differ).
+fn same_addr(a: &str, b: &str) -> bool {
+    let bare = |s: &str| {
+        s.trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string()
+    };
+    bare(a) == bare(b)
 }
 
 impl Dialer {
@@ -147,6 +171,7 @@ impl Dialer {
             next: 0,
             waits: Default::default(),
             hint: None,
+            lost: None,
             rng: seed | 1,
         }
     }
@@ -179,6 +204,7 @@ impl Dialer {
     fn ended(&mut self, addr: &str, e: &SessionError, now: std::time::Instant) {
         if e.registered {
             // It was up: whatever failed, look for the leader at once.
+            self.lost = Some((addr.to_string(), now));
             self.waits.clear();
             if let Some(i) = self.members.iter().position(|m| m == addr) {
                 self.next = (i + 1) % self.members.len();
@@ -194,8 +220,17 @@ impl Dialer {
         };
         let jittered = wait.mul_f64(self.jitter());
         self.waits.insert(addr.to_string(), (wait, now + jittered));
-        // Follow a named leader at once, unless it is the one refusing us.
-        self.hint = e.leader.clone().filter(|l| l != addr);
+        // Follow a named leader at once, unless it is the one refusing us,
+        // or the one just lost (its followers may not know it yet).
+        let just_lost = |l: &str| {
+            self.lost.as_ref().is_some_and(|(a, at)| {
+                same_addr(a, l) && now.saturating_duration_since(*at) < MAX_BACKOFF
+            })
+        };
+        self.hint = e
+            .leader
+            .clone()
+            .filter(|l| !same_addr(l, addr) && !just_lost(l));
     }
 
     /// A factor in [0.8, 1.2) (xorshift: no need for a crypto generator).
@@ -273,6 +308,7 @@ async fn session(
     events: &mut mpsc::UnboundedReceiver<Event>,
     fence: &mut Fence,
     lease_file: Option<&std::path::Path>,
+    wait_registered: &mut Duration,
 ) -> Result<(), SessionError> {
     let channel = endpoint(addr)?
         .connect()
@@ -312,14 +348,13 @@ async fn session(
         let first = inbound.message().await?;
         Ok::<_, SessionError>((inbound, first))
     };
-    let (mut inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, opened)
-        .await
-        .map_err(|_| {
-            format!(
-                "no answer to the registration within {}s (the scheduler may be stalled)",
-                REGISTER_TIMEOUT.as_secs()
-            )
-        })??;
+    let limit = *wait_registered;
+    let (mut inbound, first) = tokio::time::timeout(limit, opened).await.map_err(|_| {
+        format!(
+            "no answer to the registration within {:.1}s (the scheduler may be stalled)",
+            limit.as_secs_f64()
+        )
+    })??;
     let Some(pb::SchedulerMessage {
         kind: Some(pb::scheduler_message::Kind::Registered(reg)),
     }) = first
@@ -340,6 +375,7 @@ async fn session(
         });
     }
     tracing::info!(scheduler = %addr, term = reg.term, "registered");
+    *wait_registered = register_timeout(reg.lease_ms);
     // The registration went through the leader's log: its answer renews the
     // lease like an acknowledged heartbeat, so a task started before the
     // first acknowledgement is fenced too. Nothing is thawed yet: revoked
@@ -592,6 +628,30 @@ mod tests {
     fn a_silent_scheduler_is_left_before_the_lease_ends() {
         assert_eq!(ack_timeout(15_000, 1_000), Duration::from_secs(5));
         assert_eq!(ack_timeout(1_000, 500), Duration::from_millis(1_500));
+    }
+
+    #[test]
+    fn a_hint_naming_the_leader_just_lost_is_not_followed() {
+        let now = Instant::now();
+        let mut d = Dialer::new(members(), 11);
+        // The session with a (the leader) is lost: it stalled.
+        let mut lost = unreachable();
+        lost.registered = true;
+        d.ended("a:1", &lost, now);
+        // b has not noticed yet and names a (spelt with a scheme).
+        d.ended("b:1", &refused(Some("http://a:1")), now);
+        assert_ne!(d.pick(now).0, "a:1", "the stalled leader is not redialed");
+        // Once an election could have happened, a hint naming a counts.
+        let later = now + MAX_BACKOFF;
+        d.ended("c:1", &refused(Some("a:1")), later);
+        assert_eq!(d.pick(later), ("a:1".to_string(), later));
+    }
+
+    #[test]
+    fn registrations_wait_a_fifth_of_the_lease() {
+        assert_eq!(register_timeout(5_000), Duration::from_secs(1));
+        assert_eq!(register_timeout(15_000), Duration::from_secs(3));
+        assert_eq!(register_timeout(1_000), Duration::from_millis(500));
     }
 
     #[test]
