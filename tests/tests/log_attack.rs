@@ -19,22 +19,6 @@ const SECRET: &str = "alice-secret-7f3a";
 const ALICE: &str = "muster-log-alice";
 const MALLORY: &str = "muster-log-mallory";
 
-fn ensure_user(name: &str) {
-    let exists = || nix::unistd::User::from_name(name).ok().flatten().is_some();
-    if exists() {
-        return;
-    }
-    let out = std::process::Command::new("useradd")
-        .args(["-M", "-s", "/bin/sh", name])
-        .output()
-        .expect("run useradd");
-    assert!(
-        out.status.success() || exists(),
-        "useradd {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Issue a token for `user` into a new file; returns (file, secret).
 fn token(c: &Cluster, user: &str) -> (PathBuf, String) {
     let file = c.path(&format!("{user}.token"));
@@ -109,8 +93,8 @@ fn another_users_output_is_refused_at_every_door() {
         eprintln!("skipping: jobs of two real users need root to create them (CI runs as root)");
         return;
     }
-    ensure_user(ALICE);
-    ensure_user(MALLORY);
+    muster_tests::ensure_user(ALICE).expect("user");
+    muster_tests::ensure_user(MALLORY).expect("user");
     let c = Cluster::start(ClusterSpec {
         agents: 1,
         ..ClusterSpec::default()
