@@ -115,7 +115,7 @@ pub fn issue(
     name: &str,
     sans: &[String],
     validity: std::time::Duration,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
+) -> anyhow::Result<Issued> {
     if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) {
         bail!("name {name:?}: use 1-64 printable characters without spaces");
     }
@@ -160,7 +160,21 @@ pub fn issue(
     let (cert_path, key_path) = leaf_paths(dir, kind, name);
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
-    Ok((cert_path, key_path))
+    let serial =
+        muster_proto::tls::serial(cert.der()).context("the new certificate has no serial")?;
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+        serial,
+    })
+}
+
+/// What `issue` wrote, and the serial number to revoke it by.
+#[derive(Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub serial: String,
 }
 
 #[cfg(test)]
@@ -175,7 +189,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
-        let (cert, key) = issue(dir.path(), Kind::Agent, "node-0", &[], YEAR).unwrap();
+        let issued = issue(dir.path(), Kind::Agent, "node-0", &[], YEAR).unwrap();
+        let (cert, key) = (issued.cert, issued.key);
+        assert!(!issued.serial.is_empty());
         let pem = std::fs::read_to_string(&cert).unwrap();
         let der = pem_to_der(&pem);
         assert_eq!(
@@ -217,8 +233,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ca_init(dir.path()).unwrap();
         let days = std::time::Duration::from_secs(90 * 86_400);
-        let (cert, _) = issue(dir.path(), Kind::User, "alice", &[], days).unwrap();
-        let der = pem_to_der(&std::fs::read_to_string(cert).unwrap());
+        let issued = issue(dir.path(), Kind::User, "alice", &[], days).unwrap();
+        let der = pem_to_der(&std::fs::read_to_string(&issued.cert).unwrap());
+        assert_eq!(muster_proto::tls::serial(&der), Some(issued.serial));
         let times = utc_times(&der);
         assert_eq!(times.len(), 2, "not-before and not-after");
         let lifetime = times[1] - time::OffsetDateTime::now_utc();

@@ -30,6 +30,12 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This process's private key (PEM).
     pub key: PathBuf,
+    /// Schedulers only: a file of revoked certificate serial numbers (hex,
+    /// one per line, `#` comments), as `muster admin cert issue` prints
+    /// them; re-read when it changes. A client, agent or peer presenting a
+    /// revoked certificate is refused.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
 }
 
 /// A TLS file that could not be read.
@@ -178,6 +184,41 @@ pub fn common_name(der: &[u8]) -> Option<String> {
         }
     }
     cn
+}
+
+/// The serial number of a DER certificate, in lower-case hex without
+/// leading zeros (`3f9c...`), as `muster admin cert issue` prints it.
+pub fn serial(der: &[u8]) -> Option<String> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(cert)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = tlv(tbs)?.2;
+    }
+    let (tag, value, _) = tlv(tbs)?;
+    if tag != 0x02 {
+        return None;
+    }
+    Some(normalize_serial(
+        &value.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    ))
+}
+
+/// A serial number as written by people (`0x3F:9C`, `003f9c`) in the form
+/// [`serial`] gives.
+pub fn normalize_serial(text: &str) -> String {
+    let hex: String = text
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// One DER tag-length-value: (tag, contents, the bytes after it).

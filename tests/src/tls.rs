@@ -45,18 +45,27 @@ impl Cluster {
         Ok(())
     }
 
-    /// The `[tls]` table for the certificate `<kind>-<name>` (empty without TLS).
+    /// The `[tls]` table for the certificate `<kind>-<name>` (empty without
+    /// TLS); a scheduler's also names `pki/revoked`, the revocation list.
     pub fn tls_toml(&self, kind: &str, name: &str) -> String {
         if !self.spec.tls {
             return String::new();
         }
         let pki = self.path("pki");
-        format!(
+        let mut t = format!(
             "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             pki.join("ca.pem").display(),
             pki.join(format!("{kind}-{name}.pem")).display(),
             pki.join(format!("{kind}-{name}-key.pem")).display()
-        )
+        );
+        if kind == "node" {
+            // Schedulers read revoked serials from here (absent: none).
+            t.push_str(&format!(
+                "revoked = \"{}\"\n",
+                pki.join("revoked").display()
+            ));
+        }
+        t
     }
 
     /// The CLI's config file in TLS mode (`--config` is passed to every call).

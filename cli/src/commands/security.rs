@@ -33,14 +33,18 @@ pub fn cert_issue(ctx: &Ctx, a: CertIssueArgs) -> anyhow::Result<()> {
         (_, _, Some(n)) => (pki::Kind::User, n),
         _ => anyhow::bail!("give --node, --agent or --user"),
     };
-    let (cert, key) = pki::issue(&a.dir, kind, &name, &a.san, a.expires)?;
+    let issued = pki::issue(&a.dir, kind, &name, &a.san, a.expires)?;
+    let (cert, key) = (&issued.cert, &issued.key);
     let ca = pki::ca_paths(&a.dir).0;
     if ctx.json() {
-        return crate::json::print(&serde_json::json!({ "ca": ca, "cert": cert, "key": key }));
+        return crate::json::print(&serde_json::json!({
+            "ca": ca, "cert": cert, "key": key, "serial": issued.serial,
+        }));
     }
     println!(
-        "certificate written: {}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+        "certificate written: {} (serial {}; to revoke it, add the serial to the schedulers' [tls] revoked file)\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
         cert.display(),
+        issued.serial,
         ca.display().to_string(),
         cert.display().to_string(),
         key.display().to_string()

@@ -35,6 +35,7 @@ pub mod peer_uid;
 
 use muster_proto::daemon::PeerInfo;
 pub mod rate;
+pub mod revoked;
 pub mod roles;
 pub mod token;
 
@@ -84,6 +85,8 @@ pub struct Auth {
     /// Account names of loopback callers' uids, looked up at most once a
     /// [`NAME_TTL`] (each lookup reads the password database).
     names: Mutex<HashMap<u32, (String, Instant)>>,
+    /// Revoked certificate serials (`[tls] revoked`).
+    revoked: Option<revoked::Revoked>,
 }
 
 /// Audit entries of refused requests (unauthenticated, denied, rate-limited)
@@ -143,7 +146,20 @@ impl Auth {
                 CHECKPOINT_BURST,
             )),
             names: Mutex::new(HashMap::new()),
+            revoked: cfg
+                .tls
+                .as_ref()
+                .and_then(|t| t.revoked.clone())
+                .map(revoked::Revoked::new),
         }
+    }
+
+    /// The caller's certificate's serial, if it is revoked.
+    fn revoked_cert<T>(&self, req: &Request<T>) -> Option<String> {
+        let list = self.revoked.as_ref()?;
+        let certs = PeerInfo::peer_certs(req).or_else(|| req.peer_certs())?;
+        let serial = muster_proto::tls::serial(certs.first()?.as_ref())?;
+        list.contains(&serial).then_some(serial)
     }
 
     fn principal(&self, name: String, via: String, from: String) -> Principal {
@@ -186,6 +202,10 @@ impl Auth {
         req: &Request<T>,
         from: String,
     ) -> Result<Principal, String> {
+        // A revoked certificate is refused whatever else the request says.
+        if let Some(serial) = self.revoked_cert(req) {
+            return Err(format!("certificate {serial} is revoked"));
+        }
         if let Some(user) = req.metadata().get(muster_proto::headers::ON_BEHALF_OF) {
             return self.on_behalf(req, user, from);
         }
@@ -295,6 +315,11 @@ impl Auth {
     /// host) is believed; one the kernel identifies as an unprivileged user
     /// of this host never is.
     pub fn daemon<T>(&self, req: &Request<T>, kind: Daemon) -> Result<String, Status> {
+        if let Some(serial) = self.revoked_cert(req) {
+            return Err(Status::permission_denied(format!(
+                "permission denied: certificate {serial} is revoked"
+            )));
+        }
         if self.tls {
             return match peer_cn(req) {
                 Some(cn) if cn.starts_with(kind.prefix()) => Ok(cn),
