@@ -132,19 +132,10 @@ pub fn now_ms() -> i64 {
 
 /// Bytes with a binary unit: `512MiB`, `1.5GiB`, `0B`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes}B");
+    match muster_proto::units::binary_size(bytes) {
+        Some((value, unit)) => format!("{value}{unit}"),
+        None => format!("{bytes}B"),
     }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.1}");
-    let text = text.strip_suffix(".0").unwrap_or(&text);
-    format!("{text}{}", UNITS[unit])
 }
 
 /// Milli-CPUs as CPUs: `1`, `0.5`, `2.25`.

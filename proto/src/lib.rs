@@ -14,6 +14,7 @@ pub use v1::*;
 pub mod daemon;
 pub mod ticket;
 pub mod tls;
+pub mod units;
 
 /// Request metadata with a meaning across the services.
 pub mod headers {

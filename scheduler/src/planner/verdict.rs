@@ -62,19 +62,10 @@ pub fn plural(n: u64, noun: &str) -> String {
 
 /// Bytes with a binary unit: `512 MiB`, `1.5 GiB`, `100 GiB`.
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} bytes");
+    match muster_proto::units::binary_size(bytes) {
+        Some((value, unit)) => format!("{value} {unit}"),
+        None => format!("{bytes} bytes"),
     }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.1}");
-    let text = text.strip_suffix(".0").unwrap_or(&text);
-    format!("{text} {}", UNITS[unit])
 }
 
 /// Milli-CPUs as CPUs: `1 CPU`, `0.5 CPUs`, `64 CPUs`.
