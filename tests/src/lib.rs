@@ -808,3 +808,47 @@ impl Cluster {
         Duration::from_secs(AGENT_LEASE_SECS)
     }
 }
+
+/// Tokens and the audit trail, as the security and attack tests use them.
+impl Cluster {
+    /// Issue a token for `user` into `<user>.token` in the cluster's folder
+    /// (mode 0600, as the CLI requires); returns the file and the secret.
+    pub fn issue_token(&self, user: &str) -> Result<(PathBuf, String)> {
+        let file = self.path(&format!("{user}.token"));
+        let out = file.to_string_lossy().into_owned();
+        self.json(&["admin", "token", "issue", "--user", user, "--out", &out])
+            .with_context(|| format!("issuing a token for {user}"))?;
+        let secret = std::fs::read_to_string(&file)?.trim().to_string();
+        Ok((file, secret))
+    }
+
+    /// Run the CLI with the token in `tok` (`--token-file`); panics if
+    /// the CLI cannot be started at all.
+    pub fn muster_with_token(&self, tok: &Path, args: &[&str]) -> Output {
+        let tok = tok.to_string_lossy().into_owned();
+        let mut all = vec!["--token-file", tok.as_str()];
+        all.extend_from_slice(args);
+        self.muster(&all).expect("run muster")
+    }
+
+    /// The first audit entry matching `f`, waiting up to `timeout` for it;
+    /// panics with the trail if none comes.
+    pub fn audited(&self, timeout: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let r = wait_for(&format!("an audit entry: {what}"), timeout, || {
+            last = self.json(&["admin", "audit"]).ok()?;
+            last["entries"].as_array()?.iter().find(|e| f(e)).cloned()
+        });
+        r.unwrap_or_else(|e| panic!("{e}; audit: {last:#}"))
+    }
+}
+
+/// Whether audit entry `e` is `who` doing `action` with an outcome that
+/// begins with `outcome` (`applied`, `denied`, ...).
+pub fn audit_is(e: &Value, who: &str, action: &str, outcome: &str) -> bool {
+    e["who"] == who
+        && e["action"] == action
+        && e["outcome"]
+            .as_str()
+            .is_some_and(|o| o.starts_with(outcome))
+}

@@ -17,31 +17,7 @@ const T: Duration = Duration::from_secs(60);
 const USER: &str = "muster-agent-attack";
 
 fn ensure_user() {
-    let exists = || nix::unistd::User::from_name(USER).ok().flatten().is_some();
-    if exists() {
-        return;
-    }
-    let out = std::process::Command::new("useradd")
-        .args(["-M", "-s", "/bin/sh", USER])
-        .output()
-        .expect("run useradd");
-    assert!(
-        out.status.success() || exists(),
-        "useradd {USER}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Issue a token for `user`; its secret.
-fn token(c: &Cluster, user: &str) -> String {
-    let file = c.path(&format!("{user}.token"));
-    let out = file.to_string_lossy().into_owned();
-    c.json(&["admin", "token", "issue", "--user", user, "--out", &out])
-        .expect("issue token");
-    std::fs::read_to_string(&file)
-        .expect("token file")
-        .trim()
-        .to_string()
+    muster_tests::ensure_user(USER).expect("the test user");
 }
 
 /// Submit, as the token's user, a job with this checkpoint directory (the
@@ -86,7 +62,7 @@ fn a_checkpoint_dir_never_hands_a_root_folder_to_its_user() {
         ..ClusterSpec::default()
     })
     .expect("cluster");
-    let secret = token(&c, USER);
+    let secret = c.issue_token(USER).expect("token").1;
     // A root-owned folder, and a symlink to it where the user may write.
     std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let precious = c.path("precious");

@@ -13,9 +13,11 @@
 #![allow(clippy::result_large_err)]
 
 use muster_proto as pb;
-use muster_tests::{binary, ensure_user, is_root, run_as, wait_for, Cluster, ClusterSpec};
+use muster_tests::{
+    audit_is, binary, ensure_user, is_root, run_as, wait_for, Cluster, ClusterSpec,
+};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
@@ -23,25 +25,8 @@ const T: Duration = Duration::from_secs(60);
 /// The unprivileged local user the attacks run as.
 const ATTACKER: &str = "muster-attack";
 
-/// Issue a token for `user` into a file; returns the file.
-fn token(c: &Cluster, user: &str) -> PathBuf {
-    let file = c.path(&format!("{user}.token"));
-    let out = file.to_string_lossy().into_owned();
-    c.json(&["admin", "token", "issue", "--user", user, "--out", &out])
-        .expect("issue token");
-    file
-}
-
-/// Run the CLI with a token file.
-fn with(c: &Cluster, tok: &Path, args: &[&str]) -> std::process::Output {
-    let tok = tok.to_string_lossy().into_owned();
-    let mut a = vec!["--token-file", tok.as_str()];
-    a.extend_from_slice(args);
-    c.muster(&a).expect("run muster")
-}
-
 fn ok_as(c: &Cluster, tok: &Path, args: &[&str]) -> String {
-    let out = with(c, tok, args);
+    let out = c.muster_with_token(tok, args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?} failed: {err}");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -54,24 +39,6 @@ fn fails(out: std::process::Output, what: &str, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "{what}: expected {n:?} in: {err}");
     }
-}
-
-/// Wait until the audit trail has an entry matching `f`.
-fn audited(c: &Cluster, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    let r = wait_for(&format!("an audit entry: {what}"), T, || {
-        last = c.json(&["admin", "audit"]).ok()?;
-        last["entries"].as_array()?.iter().find(|e| f(e)).cloned()
-    });
-    r.unwrap_or_else(|e| panic!("{e}; audit: {last:#}"))
-}
-
-fn is(e: &Value, who: &str, action: &str, outcome: &str) -> bool {
-    e["who"] == who
-        && e["action"] == action
-        && e["outcome"]
-            .as_str()
-            .is_some_and(|o| o.starts_with(outcome))
 }
 
 fn skip_unless_root(what: &str) -> bool {
@@ -223,7 +190,7 @@ fn insecure_does_not_let_a_local_user_act_as_anyone() {
     assert!(!nodes.to_string().contains("attacker-node"), "{nodes}");
     let tokens = c.json(&["admin", "token", "list"]).expect("tokens");
     assert!(!tokens.to_string().contains("alice"), "{tokens}");
-    audited(&c, "the refused claim", |e| {
+    c.audited(T, "the refused claim", |e| {
         e["who"] == "?"
             && e["outcome"]
                 .as_str()
@@ -262,11 +229,10 @@ fn a_tenant_admin_cannot_capture_another_users_jobs() {
         .expect("ml");
     c.ok(&["tenant", "create", "evil", "--admin", "mallory"])
         .expect("evil");
-    let mallory = token(&c, "mallory");
-    let alice = token(&c, "alice");
+    let mallory = c.issue_token("mallory").expect("token").0;
+    let alice = c.issue_token("alice").expect("token").0;
     fails(
-        with(
-            &c,
+        c.muster_with_token(
             &mallory,
             &["tenant", "set", "evil", "--default-for", "alice"],
         ),
@@ -274,8 +240,7 @@ fn a_tenant_admin_cannot_capture_another_users_jobs() {
         &["permission denied", "default tenant of alice"],
     );
     fails(
-        with(
-            &c,
+        c.muster_with_token(
             &mallory,
             &["tenant", "create", "evil/trap", "--default-for", "alice"],
         ),
@@ -301,16 +266,15 @@ fn a_tenant_admin_cannot_capture_another_users_jobs() {
     c.ok(&["tenant", "create", "closed", "--user", "bob"])
         .expect("closed");
     fails(
-        with(
-            &c,
+        c.muster_with_token(
             &alice,
             &["tenant", "set", "closed", "--default-for", "alice"],
         ),
         "alice defaults to a tenant she is not in",
         &["not a member of closed"],
     );
-    audited(&c, "mallory's attempt", |e| {
-        is(e, "mallory", "tenant-update", "denied")
+    c.audited(T, "mallory's attempt", |e| {
+        audit_is(e, "mallory", "tenant-update", "denied")
     });
 }
 
@@ -375,8 +339,8 @@ fn an_agent_reports_only_its_own_nodes_tasks() {
             tx.send(exited).await.expect("send");
         }
     });
-    let e = audited(&c, "the forged event", |e| {
-        is(e, "agent:rogue", "task-event", "denied")
+    let e = c.audited(T, "the forged event", |e| {
+        audit_is(e, "agent:rogue", "task-event", "denied")
     });
     assert!(
         e["target"]
@@ -440,27 +404,27 @@ fn every_write_is_rate_limited() {
         ..ClusterSpec::default()
     })
     .expect("cluster");
-    let alice = token(&c, "alice");
+    let alice = c.issue_token("alice").expect("token").0;
     let job: Value =
         serde_json::from_str(&ok_as(&c, &alice, &["--json", "submit", "--", "true"])).unwrap();
     let id = job["id"].as_u64().expect("id").to_string();
     ok_as(&c, &alice, &["cancel", &id]);
     fails(
-        with(&c, &alice, &["cancel", &id]),
+        c.muster_with_token(&alice, &["cancel", &id]),
         "a third write",
         &["rate limit: alice"],
     );
-    audited(&c, "the refused cancel", |e| {
-        is(e, "alice", "cancel", "rejected: rate limit")
+    c.audited(T, "the refused cancel", |e| {
+        audit_is(e, "alice", "cancel", "rejected: rate limit")
     });
     // Tenant writes too, and one request costs one token.
     c.ok(&["tenant", "create", "t", "--admin", "nora"])
         .expect("t");
-    let nora = token(&c, "nora");
+    let nora = c.issue_token("nora").expect("token").0;
     ok_as(&c, &nora, &["tenant", "create", "t/x", "--admin", "b"]);
     ok_as(&c, &nora, &["tenant", "set", "t", "--add-user", "c"]);
     fails(
-        with(&c, &nora, &["tenant", "set", "t", "--add-user", "d"]),
+        c.muster_with_token(&nora, &["tenant", "set", "t", "--add-user", "d"]),
         "a third tenant write",
         &["rate limit: nora"],
     );
@@ -579,11 +543,11 @@ fn bad_token_floods_do_not_fill_the_audit_trail() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&bogus, std::fs::Permissions::from_mode(0o600)).unwrap();
     for _ in 0..60 {
-        let out = with(&c, &bogus, &["whoami"]);
+        let out = c.muster_with_token(&bogus, &["whoami"]);
         assert!(!out.status.success());
     }
     // Wait for the refusals to be written, then count them.
-    let v = audited(&c, "a refused bad token", |e| {
+    let v = c.audited(T, "a refused bad token", |e| {
         e["outcome"]
             .as_str()
             .is_some_and(|o| o.starts_with("unauthenticated"))
@@ -607,7 +571,7 @@ fn bad_token_floods_do_not_fill_the_audit_trail() {
     assert!(
         entries
             .iter()
-            .any(|e| is(e, "root", "tenant-create", "applied") && e["target"] == "victim"),
+            .any(|e| audit_is(e, "root", "tenant-create", "applied") && e["target"] == "victim"),
         "{all:#}"
     );
 }

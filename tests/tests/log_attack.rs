@@ -10,7 +10,6 @@ use muster_proto::agent_local_client::AgentLocalClient;
 use muster_proto::muster_client::MusterClient;
 use muster_proto::{LogAccessRequest, LogRequest, LogTicket};
 use muster_tests::{is_root, Cluster, ClusterSpec};
-use std::path::PathBuf;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
@@ -19,27 +18,10 @@ const SECRET: &str = "alice-secret-7f3a";
 const ALICE: &str = "muster-log-alice";
 const MALLORY: &str = "muster-log-mallory";
 
-/// Issue a token for `user` into a new file; returns (file, secret).
-fn token(c: &Cluster, user: &str) -> (PathBuf, String) {
-    let file = c.path(&format!("{user}.token"));
-    let out = file.to_string_lossy().into_owned();
-    c.json(&["admin", "token", "issue", "--user", user, "--out", &out])
-        .expect("issue token");
-    let secret = std::fs::read_to_string(&file).expect("token file");
-    (file, secret.trim().to_string())
-}
-
-fn muster_as(c: &Cluster, tok: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let tok = tok.to_string_lossy().into_owned();
-    let mut a = vec!["--token-file", tok.as_str()];
-    a.extend_from_slice(args);
-    c.muster(&a).expect("run muster")
-}
-
 fn submit_as(c: &Cluster, tok: &std::path::Path, args: &[&str]) -> u64 {
     let mut a = vec!["--json", "submit"];
     a.extend_from_slice(args);
-    let out = muster_as(c, tok, &a);
+    let out = c.muster_with_token(tok, &a);
     assert!(
         out.status.success(),
         "submit: {}",
@@ -100,15 +82,15 @@ fn another_users_output_is_refused_at_every_door() {
         ..ClusterSpec::default()
     })
     .expect("cluster");
-    let (alice, _) = token(&c, ALICE);
-    let (mallory, mallory_secret) = token(&c, MALLORY);
+    let (alice, _) = c.issue_token(ALICE).expect("token");
+    let (mallory, mallory_secret) = c.issue_token(MALLORY).expect("token");
     let job = submit_as(&c, &alice, &["--", "sh", "-c", &format!("echo {SECRET}")]);
     let own = submit_as(&c, &mallory, &["--", "true"]);
     c.wait_state(job, "completed", T).expect("alice's job");
     c.wait_state(own, "completed", T).expect("mallory's job");
 
     // The owner reads her output through the CLI.
-    let out = muster_as(&c, &alice, &["logs", &job.to_string()]);
+    let out = c.muster_with_token(&alice, &["logs", &job.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -117,14 +99,14 @@ fn another_users_output_is_refused_at_every_door() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(SECRET));
 
     // Mallory through the CLI: refused, and told why (not "unplaced").
-    let out = muster_as(&c, &mallory, &["logs", &job.to_string()]);
+    let out = c.muster_with_token(&mallory, &["logs", &job.to_string()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "mallory read alice's logs");
     assert!(err.contains("belongs to another user"), "{err}");
     assert!(!err.contains("not been placed"), "{err}");
 
     // Mallory straight at the agent, whose address `muster nodes` shows.
-    let nodes = muster_as(&c, &mallory, &["--json", "nodes"]);
+    let nodes = c.muster_with_token(&mallory, &["--json", "nodes"]);
     let nodes: serde_json::Value = serde_json::from_slice(&nodes.stdout).expect("nodes json");
     let agent = nodes["nodes"][0]["address"]
         .as_str()

@@ -8,7 +8,7 @@
 //! token it is a cluster admin (identified by its socket's uid); every other
 //! identity here comes from a token issued with `muster admin token issue`.
 
-use muster_tests::{is_root, wait_for, Cluster, ClusterSpec};
+use muster_tests::{audit_is, is_root, wait_for, Cluster, ClusterSpec};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,16 +25,8 @@ fn token(c: &Cluster, user: &str, extra: &[&str]) -> (PathBuf, String) {
     (file, v["id"].as_str().expect("id").to_string())
 }
 
-/// Run the CLI with a token file.
-fn with(c: &Cluster, tok: &Path, args: &[&str]) -> std::process::Output {
-    let tok = tok.to_string_lossy().into_owned();
-    let mut a = vec!["--token-file", tok.as_str()];
-    a.extend_from_slice(args);
-    c.muster(&a).expect("run muster")
-}
-
 fn ok_as(c: &Cluster, tok: &Path, args: &[&str]) -> String {
-    let out = with(c, tok, args);
+    let out = c.muster_with_token(tok, args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?} failed: {err}");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -42,7 +34,7 @@ fn ok_as(c: &Cluster, tok: &Path, args: &[&str]) -> String {
 
 /// The command fails with one line containing every needle.
 fn fails_as(c: &Cluster, tok: &Path, args: &[&str], needles: &[&str]) {
-    let out = with(c, tok, args);
+    let out = c.muster_with_token(tok, args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} should fail");
     for n in needles {
@@ -56,24 +48,6 @@ fn submit_as(c: &Cluster, tok: &Path, args: &[&str]) -> u64 {
     a.extend_from_slice(args);
     let v: Value = serde_json::from_str(&ok_as(c, tok, &a)).expect("json");
     v["id"].as_u64().expect("id")
-}
-
-/// Wait until the audit trail has an entry matching `f`.
-fn audited(c: &Cluster, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    let r = wait_for(&format!("an audit entry: {what}"), T, || {
-        last = c.json(&["admin", "audit"]).ok()?;
-        last["entries"].as_array()?.iter().find(|e| f(e)).cloned()
-    });
-    r.unwrap_or_else(|e| panic!("{e}; audit: {last:#}"))
-}
-
-fn is(e: &Value, who: &str, action: &str, outcome: &str) -> bool {
-    e["who"] == who
-        && e["action"] == action
-        && e["outcome"]
-            .as_str()
-            .is_some_and(|o| o.starts_with(outcome))
 }
 
 #[test]
@@ -196,7 +170,7 @@ fn roles_tokens_and_the_audit_trail() {
     );
     let (short, _) = token(&c, "alice", &["--expires", "1s"]);
     let expired = wait_for("the 1s token to expire", T, || {
-        let out = with(&c, &short, &["submit", "--", "true"]);
+        let out = c.muster_with_token(&short, &["submit", "--", "true"]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         (!out.status.success()).then_some(err)
     })
@@ -225,40 +199,40 @@ fn roles_tokens_and_the_audit_trail() {
     fails_as(&c, &loose, &["queue"], &["has mode 0644", "chmod 600"]);
 
     // Every attempt above is in the audit trail, denied ones included.
-    audited(&c, "alice's submit", |e| {
-        is(e, "alice", "submit", "applied")
+    c.audited(T, "alice's submit", |e| {
+        audit_is(e, "alice", "submit", "applied")
     });
-    audited(&c, "alice's denied submit", |e| {
-        is(e, "alice", "submit", "denied: permission denied") && e["target"] == "tenant ml/cv"
+    c.audited(T, "alice's denied submit", |e| {
+        audit_is(e, "alice", "submit", "denied: permission denied") && e["target"] == "tenant ml/cv"
     });
-    audited(&c, "bob's denied cancel", |e| {
-        is(e, "bob", "cancel", "denied")
+    c.audited(T, "bob's denied cancel", |e| {
+        audit_is(e, "bob", "cancel", "denied")
     });
-    audited(&c, "alice's denied quota change", |e| {
-        is(e, "alice", "tenant-update", "denied") && e["target"] == "ml/nlp"
+    c.audited(T, "alice's denied quota change", |e| {
+        audit_is(e, "alice", "tenant-update", "denied") && e["target"] == "ml/nlp"
     });
-    audited(&c, "nora touching ml/cv", |e| {
-        is(e, "nora", "tenant-update", "denied") && e["target"] == "ml/cv"
+    c.audited(T, "nora touching ml/cv", |e| {
+        audit_is(e, "nora", "tenant-update", "denied") && e["target"] == "ml/cv"
     });
-    audited(&c, "nora's member change", |e| {
-        is(e, "nora", "tenant-update", "applied")
+    c.audited(T, "nora's member change", |e| {
+        audit_is(e, "nora", "tenant-update", "applied")
     });
-    audited(&c, "alice's own cancel", |e| {
-        is(e, "alice", "cancel", "applied")
+    c.audited(T, "alice's own cancel", |e| {
+        audit_is(e, "alice", "cancel", "applied")
     });
-    audited(&c, "alice's denied token issue", |e| {
-        is(e, "alice", "token-issue", "denied")
+    c.audited(T, "alice's denied token issue", |e| {
+        audit_is(e, "alice", "token-issue", "denied")
     });
     for why in ["forged", "expired", "revoked"] {
-        audited(&c, &format!("the {why} token"), |e| {
+        c.audited(T, &format!("the {why} token"), |e| {
             e["who"] == "?"
                 && e["outcome"]
                     .as_str()
                     .is_some_and(|o| o.starts_with("unauthenticated") && o.contains(why))
         });
     }
-    let e = audited(&c, "root's revoke", |e| {
-        is(e, "root", "token-revoke", "applied")
+    let e = c.audited(T, "root's revoke", |e| {
+        audit_is(e, "root", "token-revoke", "applied")
     });
     assert!(e["via"].as_str().unwrap().starts_with("peer uid 0"), "{e}");
     assert!(e["from"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
@@ -320,8 +294,8 @@ fn submissions_are_rate_limited_per_user() {
     for _ in 0..3 {
         c.submit(&["--", "true"]).expect("root submits");
     }
-    audited(&c, "the refused submission", |e| {
-        is(e, "alice", "submit", "rejected: rate limit")
+    c.audited(T, "the refused submission", |e| {
+        audit_is(e, "alice", "submit", "rejected: rate limit")
     });
 }
 
@@ -329,27 +303,7 @@ fn submissions_are_rate_limited_per_user() {
 const TEST_USER: &str = "muster-sec-test";
 
 fn ensure_user() {
-    // Two tests need the user, and may run at once.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let exists = || {
-        nix::unistd::User::from_name(TEST_USER)
-            .ok()
-            .flatten()
-            .is_some()
-    };
-    if exists() {
-        return;
-    }
-    let out = std::process::Command::new("useradd")
-        .args(["-M", "-s", "/bin/sh", TEST_USER])
-        .output()
-        .expect("run useradd");
-    assert!(
-        out.status.success() || exists(),
-        "useradd {TEST_USER}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    muster_tests::ensure_user(TEST_USER).expect("the test user");
 }
 
 #[test]
@@ -382,8 +336,8 @@ fn a_job_runs_as_its_tokens_user() {
         logs.contains(&format!("I am {TEST_USER} uid {uid}")),
         "{logs}"
     );
-    let e = audited(&c, "the submission", |e| {
-        is(e, TEST_USER, "submit", "applied")
+    let e = c.audited(T, "the submission", |e| {
+        audit_is(e, TEST_USER, "submit", "applied")
     });
     assert_eq!(e["via"], format!("token {id}"));
     // Without a token, root on this host is root.
@@ -471,8 +425,8 @@ fn local_users_reach_the_cluster_through_the_agent_socket() {
         (root["user"].as_str(), root["cluster_admin"].as_bool()),
         (Some("root"), Some(false))
     );
-    audited(&c, "the socket submission", |e| {
-        is(e, TEST_USER, "submit", "applied")
+    c.audited(T, "the socket submission", |e| {
+        audit_is(e, TEST_USER, "submit", "applied")
             && e["via"].as_str().is_some_and(|v| v.contains("socket uid"))
     });
 }
@@ -575,7 +529,7 @@ fn mutual_tls_between_every_daemon_and_the_cli() {
         .collect();
     assert_eq!(names, ["node-0"], "{nodes}");
     // The refusals that reached the scheduler are audited.
-    let e = audited(&c, "the impostor", |e| {
+    let e = c.audited(T, "the impostor", |e| {
         e["action"] == "register-node"
             && e["target"] == c.node_name(impostor).as_str()
             && e["outcome"]
@@ -583,14 +537,14 @@ fn mutual_tls_between_every_daemon_and_the_cli() {
                 .is_some_and(|o| o.contains("certificate agent:node-0 may not register"))
     });
     assert!(e["outcome"].as_str().unwrap().starts_with("denied"), "{e}");
-    audited(&c, "the user certificate", |e| {
+    c.audited(T, "the user certificate", |e| {
         e["action"] == "register-node"
             && e["outcome"]
                 .as_str()
                 .is_some_and(|o| o.contains("needs a certificate agent:NAME"))
     });
-    audited(&c, "node-0's registration", |e| {
-        is(e, "agent:node-0", "register-node", "applied")
+    c.audited(T, "node-0's registration", |e| {
+        audit_is(e, "agent:node-0", "register-node", "applied")
     });
 }
 
