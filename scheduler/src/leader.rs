@@ -93,23 +93,26 @@ async fn plan_once(ctx: &Ctx, term: u64) {
     }
 }
 
-/// Mark nodes lost when their lease expires, and time out jobs past their
-/// limit. Runs until shutdown.
-/// On the leader, have a quorum confirm the leadership once every Raft
-/// heartbeat (a read barrier: a quorum round trip), and record when the
-/// confirming read was asked. Agent leases are renewed only inside the
+/// On the leader, have a quorum confirm the leadership twice per window
+/// that a confirmation buys (a read barrier: a quorum round trip, which
+/// raft-rs sends as an extra heartbeat), and record when the confirming
+/// read was asked. Agent leases are renewed only inside the
 /// window this buys ([`Ctx::leadership_confirmed`]): a leader whose driver
 /// stalls (a disk that does not return) or that lost its quorum stops
 /// renewing them, so its agents freeze their tasks and look for the new
 /// leader before that leader can run their gangs elsewhere.
 pub async fn confirm_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    // A confirmation asked at T holds until T + the followers' election
+    // timeout less a tick (`Ctx::leadership_confirmed`); asking twice per
+    // window keeps one alive, with room for the round trip.
     let every = ctx
         .cfg
         .raft_tick
-        .saturating_mul(ctx.cfg.heartbeat_ticks.max(1) as u32);
+        .saturating_mul(ctx.cfg.election_ticks.saturating_sub(1).max(2) as u32)
+        / 2;
     let mut first = true;
     loop {
-        // At once the first time, then every Raft heartbeat.
+        // At once the first time, then twice per window.
         if !std::mem::take(&mut first) {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -136,6 +139,8 @@ pub async fn confirm_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Mark nodes lost when their lease expires, and time out jobs past their
+/// limit, while this node's leadership is confirmed. Runs until shutdown.
 pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let lease = ctx.cfg.agent_lease;
     let mut was_leader = false;
@@ -155,21 +160,15 @@ pub async fn housekeeping_loop(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool
         // hung) wakes with stale leases and may have been deposed meanwhile.
         let confirmed = is_leader && ctx.leadership_confirmed(term);
         if confirmed && !was_confirmed {
-            // Newly (or again) confirmed: every node gets a full lease
-            // before it is judged; agents were unacknowledged meanwhile.
+            // A new leader, or one confirmed again after a stall: every
+            // node gets a full lease before it is judged (agents were
+            // unacknowledged meanwhile).
             let state_nodes: Vec<String> = ctx.raft.state().nodes.keys().cloned().collect();
             for n in state_nodes {
                 ctx.touch(&n);
             }
         }
         was_confirmed = confirmed;
-        if is_leader && !was_leader {
-            // A new leader gives every node a full lease before judging it.
-            let state_nodes: Vec<String> = ctx.raft.state().nodes.keys().cloned().collect();
-            for n in state_nodes {
-                ctx.touch(&n);
-            }
-        }
         if was_leader && !is_leader {
             // Leader memory is not state: a deposed leader keeps no stale
             // verdicts or leases to answer with (followers ask the leader).

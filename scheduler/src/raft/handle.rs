@@ -59,7 +59,12 @@ impl RaftHandle {
             .send(Request::Propose { data, reply })
             .await
             .map_err(|_| ProposeError::Stopped)?;
-        rx.await.map_err(|_| ProposeError::Stopped)?
+        // Handed over but never answered: the driver stopped after it may
+        // have appended (or even applied) it, so its fate is unknown, not
+        // "never sent".
+        rx.await.map_err(|_| {
+            ProposeError::OutcomeUnknown("the raft driver stopped before answering".into())
+        })?
     }
 
     async fn forward(&self, leader: u64, data: Vec<u8>) -> Result<ApplyResult, ProposeError> {
