@@ -112,12 +112,8 @@ fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> anyhow::Re
 /// A short stable name for the cluster in `data`, for its cgroup parent.
 fn cluster_id(data: &Path) -> String {
     let canonical = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
-    // FNV-1a: stable across runs and builds (std's hasher is not).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in canonical.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    // Stable across runs and builds (std's hasher is not).
+    let h = muster_proto::fnv::hash(canonical.as_os_str().as_encoded_bytes());
     format!("{:08x}", h >> 32)
 }
 

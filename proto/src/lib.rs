@@ -12,6 +12,7 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod daemon;
+pub mod fnv;
 pub mod ticket;
 pub mod tls;
 pub mod units;

@@ -79,10 +79,7 @@ pub(super) fn simulated_uuid(seed: &str, index: u32) -> String {
 }
 
 fn fnv1a(bytes: &[u8], offset_basis: u64) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(offset_basis, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
-    })
+    muster_proto::fnv::extend(offset_basis, bytes.iter().copied())
 }
 
 impl GpuInventory for SimulatedInventory {

@@ -185,16 +185,11 @@ fn cluster_digest(state: u64, st: &crate::raft::RaftStatus) -> u64 {
         .collect();
     conf.sort_unstable();
     // FNV-1a, as State::digest: stable across processes and versions.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let bytes = state.to_le_bytes().into_iter().chain(
         conf.iter()
             .flat_map(|(id, kind)| id.to_le_bytes().into_iter().chain([*kind])),
     );
-    for b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    muster_proto::fnv::extend(muster_proto::fnv::OFFSET, bytes)
 }
 
 #[cfg(test)]

@@ -333,12 +333,10 @@ impl State {
         let derived =
             bincode::serialize(&(&self.pending, &self.active, &self.usage, &self.tenant_use))
                 .unwrap_or_default();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.to_snapshot().into_iter().chain(derived) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
+        muster_proto::fnv::extend(
+            muster_proto::fnv::OFFSET,
+            self.to_snapshot().into_iter().chain(derived),
+        )
     }
 
     /// GPUs held by the live allocations of the tenant and its children.
