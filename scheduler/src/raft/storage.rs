@@ -808,17 +808,26 @@ impl raft::Storage for SledStorage {
                 StorageError::SnapshotTemporarilyUnavailable,
             ))
         };
+        let usable = |meta: &SnapshotMetadata| {
+            let cs = meta.get_conf_state();
+            let names_recipient = cs
+                .voters
+                .iter()
+                .chain(&cs.learners)
+                .chain(&cs.voters_outgoing)
+                .any(|id| *id == to);
+            meta.index >= request_index && names_recipient
+        };
+        // Judge by the metadata kept in memory first: raft-rs asks on every
+        // heartbeat until a fresh snapshot exists, and reading the whole
+        // snapshot from sled only to refuse it would cost megabytes a time.
+        if !usable(&self.cache().snap) {
+            return unavailable();
+        }
         let Some((meta, data)) = self.load_snapshot().map_err(store_err)? else {
             return unavailable();
         };
-        let cs = meta.get_conf_state();
-        let names_recipient = cs
-            .voters
-            .iter()
-            .chain(&cs.learners)
-            .chain(&cs.voters_outgoing)
-            .any(|id| *id == to);
-        if meta.index < request_index || !names_recipient {
+        if !usable(&meta) {
             return unavailable();
         }
         let mut s = Snapshot::default();
@@ -1065,21 +1074,27 @@ mod tests {
         assert_eq!((meta.index, data), (20, b"leader state".to_vec()));
     }
 
+    /// A one-member folder with a snapshot at index 7 (term 2) written the
+    /// way older schedulers did: metadata, then `data` into `tree`.
+    fn old_snapshot_at_7(s: &SledStorage, tree: &sled::Tree, data: &[u8]) {
+        s.bootstrap(vec![1]).unwrap();
+        let mut meta = SnapshotMetadata {
+            index: 7,
+            term: 2,
+            ..Default::default()
+        };
+        meta.mut_conf_state().voters = vec![1];
+        s.write(SNAP_META, &meta).unwrap();
+        tree.insert(SNAP_DATA, data).unwrap();
+    }
+
     #[test]
     fn snapshot_data_in_the_old_layout_is_moved_to_its_own_tree() {
         let dir = tempfile::tempdir().unwrap();
         {
             // What an older scheduler wrote: the snapshot's bytes in `meta`.
             let s = SledStorage::open(dir.path()).unwrap();
-            s.bootstrap(vec![1]).unwrap();
-            let mut meta = SnapshotMetadata {
-                index: 7,
-                term: 2,
-                ..Default::default()
-            };
-            meta.mut_conf_state().voters = vec![1];
-            s.write(SNAP_META, &meta).unwrap();
-            s.meta.insert(SNAP_DATA, &b"old"[..]).unwrap();
+            old_snapshot_at_7(&s, &s.meta, b"old");
             s.flush().unwrap();
         }
         let s = reopen(dir.path());
@@ -1306,15 +1321,7 @@ mod tests {
         {
             // What a crash between the old code's separate writes left.
             let s = SledStorage::open(dir.path()).unwrap();
-            s.bootstrap(vec![1]).unwrap();
-            let mut meta = SnapshotMetadata {
-                index: 7,
-                term: 2,
-                ..Default::default()
-            };
-            meta.mut_conf_state().voters = vec![1];
-            s.write(SNAP_META, &meta).unwrap();
-            s.snapshot.insert(SNAP_DATA, &b"state@7"[..]).unwrap();
+            old_snapshot_at_7(&s, &s.snapshot, b"state@7");
             s.write(
                 HARD_STATE,
                 &HardState {
