@@ -224,7 +224,13 @@ fn write_configs(args: &DevArgs, data: &Path) -> anyhow::Result<(PathBuf, Vec<Pa
 
 fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Child> {
     let mut cmd = Command::new(bin);
-    cmd.arg("--config").arg(config).stdin(Stdio::null());
+    // A process group of its own: Ctrl-C on the terminal goes to the whole
+    // foreground group, and a scheduler that stopped on it at once would
+    // leave `muster dev` unable to cancel the running jobs first.
+    cmd.arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .process_group(0);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info,raft=warn,sled=warn");
     }

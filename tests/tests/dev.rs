@@ -106,7 +106,9 @@ impl Dev {
             .unwrap();
         let listen = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("dev.log")).unwrap();
+        use std::os::unix::process::CommandExt as _;
         let child = Command::new(binary("muster"))
+            .process_group(0)
             .args([
                 "dev",
                 "--listen",
@@ -146,9 +148,10 @@ impl Dev {
             .unwrap()
     }
 
-    /// Ctrl-C, and wait for it to finish stopping.
+    /// Ctrl-C as a terminal sends it: to the whole process group of
+    /// `muster dev` (it leads its own here, as a shell's job does).
     fn interrupt(&mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
+        nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
         )
