@@ -254,6 +254,9 @@ impl SchedulerConfig {
         if self.limits.submit_burst == 0 {
             return Err("key `limits.submit_burst`: must be at least 1".into());
         }
+        if self.limits.max_jobs_per_user == 0 {
+            return Err("key `limits.max_jobs_per_user`: must be at least 1".into());
+        }
         let max_time = self.limits.max_time_limit.as_secs();
         if max_time == 0 || max_time > crate::model::MAX_TIME_LIMIT_SECS {
             return Err(format!(
@@ -354,6 +357,17 @@ mod tests {
         let cfg = SchedulerConfig::load(&p).unwrap();
         assert_eq!(cfg.listen.port(), DEFAULT_PORT);
         assert_eq!(cfg.limits.max_time_limit, default_max_time_limit());
+    }
+
+    #[test]
+    fn max_jobs_per_user_must_allow_a_job() {
+        let p = Path::new("s.toml");
+        let e = SchedulerConfig::parse("[limits]\nmax_jobs_per_user = 0\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_jobs_per_user"), "{e}");
+        let cfg = SchedulerConfig::parse("[limits]\nmax_jobs_per_user = 5\n", p).unwrap();
+        assert_eq!(cfg.limits.max_jobs_per_user, 5);
     }
 
     #[test]

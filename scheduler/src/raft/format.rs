@@ -9,10 +9,15 @@
 //! rather than guessing, and the driver stops on anything it cannot decode:
 //! skipping an entry some replicas can apply would make them diverge.
 //!
-//! Data written before the header existed (plain bincode) still reads: the
-//! magics cannot begin plain bincode of either type (a command begins with
-//! its variant as a little-endian `u32`, far below `0x01..`; the state with
-//! its job count as a `u64`, and the snapshot magic read so is past 10^16).
+//! Data written before the header existed (plain bincode) is told apart
+//! from headed data: the magics cannot begin plain bincode of either type
+//! (a command begins with its variant as a little-endian `u32`, far below
+//! `0x01..`; the state with its job count as a `u64`, and the snapshot
+//! magic read so is past 10^16). It decodes with today's types, so it reads
+//! only where those types did not change since: node registrations and
+//! states holding nodes from before 2026-12-05 (which gained `log_key`)
+//! fail to decode, and the member stops naming the index (README: such an
+//! upgrade is not rolling).
 //!
 //! Bump [`COMMAND_VERSION`] whenever [`Command`]'s encoding changes (a new
 //! variant or field), and [`SNAPSHOT_VERSION`] whenever [`State`]'s does.
