@@ -56,7 +56,11 @@ pub struct Reply {
 /// Bind the socket (replacing a stale one) and open it to every local user.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            // Made under the agent's umask 077 otherwise: tasks must reach it.
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}

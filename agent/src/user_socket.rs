@@ -163,7 +163,12 @@ pub async fn serve(
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        if !dir.exists() {
+            // Made under the agent's umask 077 otherwise: users must reach it.
+            std::fs::create_dir_all(dir).map_err(io)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(io)?;
+        }
     }
     // A socket left by an earlier agent.
     let _ = std::fs::remove_file(path);

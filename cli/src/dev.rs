@@ -288,8 +288,11 @@ async fn cancel_running(addr: &str, wait: Duration) -> anyhow::Result<()> {
     let mut ids = Vec::new();
     for j in c.list_jobs(false).await? {
         if j.state != pending {
-            c.cancel(j.id, user.clone()).await?;
-            ids.push(j.id);
+            // One that ended meanwhile is refused; cancel the others anyway.
+            match c.cancel(j.id, user.clone()).await {
+                Ok(_) => ids.push(j.id),
+                Err(e) => eprintln!("job {}: {e}", j.id),
+            }
         }
     }
     let deadline = tokio::time::Instant::now() + wait;
@@ -371,7 +374,7 @@ fn print_banner(args: &DevArgs, data: &Path) {
     };
     println!(
         "Muster dev cluster: scheduler on http://{}, {} agents x {} simulated GPUs\n\
-         each node simulated as {} CPUs, {} GiB (--node-cpus, --node-mem)\n\
+         each node simulated as {} CPUs, {} (--node-cpus, --node-mem)\n\
          scheduler settings: {}/scheduler.toml (--set KEY=VALUE to change)\n\
          state, configuration and logs: {}\nisolation: {isolation}\n\n\
          Try, in another terminal:\n  \
@@ -380,8 +383,8 @@ fn print_banner(args: &DevArgs, data: &Path) {
         args.listen,
         args.agents,
         args.gpus,
-        f64::from(args.node_cpus) / 1000.0,
-        args.node_mem >> 30,
+        crate::output::format_cpus(args.node_cpus),
+        crate::output::format_bytes(args.node_mem),
         data.display(),
         data.display()
     );

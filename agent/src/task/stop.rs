@@ -90,9 +90,15 @@ impl Runtime {
     /// signal twice to many tasks, and a handler ran twice.
     fn signal(&self, pid: Option<u32>, cgroup: Option<&str>, sig: Signal) {
         if let (Some(cg), Some(name)) = (&self.cgroups, cgroup) {
-            match cg.kill_all(name, sig) {
-                Ok(()) => return,
-                Err(e) => tracing::warn!(cgroup = name, "signal {sig} failed: {e}"),
+            // Only a cgroup that still holds the task's processes: a missing
+            // one (renamed parent, removed) signals nothing, and the process
+            // group must then be signalled instead.
+            let holds = cg.pids(name).is_ok_and(|p| !p.is_empty());
+            if holds {
+                match cg.kill_all(name, sig) {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(cgroup = name, "signal {sig} failed: {e}"),
+                }
             }
         }
         if let Some(pid) = pid {
